@@ -1,0 +1,1 @@
+"""Package for the `textgen.v1` protos."""

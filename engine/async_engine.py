@@ -1,0 +1,98 @@
+"""AsyncEngine: the asyncio face of the engine, used by the gRPC service.
+
+Many concurrent `generate` calls share the step loop's batches; nothing here
+blocks the event loop (the loop thread hands outputs back with call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from engine.errors import RequestFailedError
+from engine.factory import LoadedModel, load_model
+from engine.model_info import EngineStats, ModelInfo
+from engine.outputs import RequestOutput
+from engine.params import GenerationRequest, SamplingParams
+
+__all__ = ["AsyncEngine", "EngineStats", "ModelInfo"]
+
+
+class AsyncEngine:
+    """One model, one background step loop, many concurrent requests."""
+
+    def __init__(self, loaded: LoadedModel):
+        self._loaded = loaded
+        self._loop = loaded.loop
+        self.tokenizer = loaded.tokenizer
+        self.info: ModelInfo = loaded.info
+
+    @classmethod
+    def from_pretrained(cls, model=None, *, use_fp8: bool = False, dtype=None, device=None, **engine_options) -> "AsyncEngine":
+        """Load like engine.AutoModelForCausalLM.from_pretrained and start the step loop."""
+        return cls(load_model(model, use_fp8=use_fp8, dtype=dtype, device=device, **engine_options))
+
+    def resolve_params(self, prompt_len: int, **overrides) -> SamplingParams:
+        """Model defaults plus overrides (transformers' names). Raises InvalidParameterError."""
+        return self._loaded.resolve_params(prompt_len, **overrides)
+
+    async def generate(self, request: GenerationRequest, *, prompt_field: str = "token_ids") -> AsyncIterator[RequestOutput]:
+        """Per-step outputs of one request; the last has finished=True.
+
+        Raises InvalidParameterError / ContextLengthError for a bad request, QueueFullError
+        when full, EngineDeadError when the loop has died, RequestFailedError when the
+        request's model step failed. Closing the iterator early aborts the request.
+        """
+        event_loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(output: RequestOutput) -> None:
+            try:
+                event_loop.call_soon_threadsafe(queue.put_nowait, output)
+            except RuntimeError:  # the event loop is closed; nobody is listening
+                pass
+
+        request_id = self._loop.submit(request, sink, field=prompt_field)
+        finished = False
+        try:
+            while True:
+                output = await queue.get()
+                if output.error is not None:
+                    finished = output.finished
+                    raise RequestFailedError(output.error)
+                finished = output.finished
+                yield output
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._loop.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; idempotent; its blocks are freed at the next step."""
+        self._loop.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        engine = self._loop.engine
+        blocks = engine.block_manager
+        running = len(engine.scheduler.running)
+        return EngineStats(
+            running=running,
+            waiting=max(0, self._loop.num_in_flight - running),
+            kv_blocks_total=blocks.num_blocks,
+            kv_blocks_used=blocks.num_used_blocks,
+            kv_blocks_free=blocks.num_free_blocks,
+            preemptions_total=engine.scheduler.preemptions_total,
+            prefix_cache_queries_total=engine.scheduler.prefix_queries,
+            prefix_cache_hits_total=engine.scheduler.prefix_hits,
+            steps_total=engine.steps_total,
+            healthy=self.is_healthy,
+        )
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._loop.is_healthy
+
+    async def shutdown(self) -> None:
+        """Stop the step loop; pending requests finish with FinishReason.ABORTED."""
+        await asyncio.to_thread(self._loop.shutdown)

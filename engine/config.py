@@ -1,0 +1,52 @@
+"""Engine limits and runtime choices, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Tokens per KV block. 16 keeps prefix reuse fine-grained and block tables short.
+    block_size: int = 16
+    # KV blocks in the pool. None: size from memory (kv_cache_memory_fraction on CUDA,
+    # kv_cache_bytes on CPU).
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    kv_cache_bytes: int = 1 << 30
+    # Sequences decoded together in one step, at most.
+    max_num_seqs: int = 64
+    # Tokens (prefill chunks plus decodes) in one forward pass, at most.
+    max_num_batched_tokens: int = 2048
+    # Requests admitted but not yet running, at most; beyond it submit() raises QueueFullError.
+    max_waiting_requests: int = 1024
+    # Context length served; None: the model's own.
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    # Decode batch sizes the runtime pads to (CUDA graphs are captured per bucket).
+    decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    use_cuda_graphs: bool = True
+    # Seconds without a finished step, while work is pending, before the watchdog
+    # declares the engine stuck.
+    watchdog_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_options(cls, **options) -> tuple["EngineConfig", dict]:
+        """Split keyword options into this config's fields and the rest."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in options.items() if k in names}
+        rest = {k: v for k, v in options.items() if k not in names}
+        return cls(**mine), rest

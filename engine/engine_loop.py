@@ -1,0 +1,168 @@
+"""The step loop: a background thread that owns the LLMEngine.
+
+Callers on any thread submit and abort through a command queue; the loop applies
+commands between steps, so engine state is only ever touched by this thread.
+Outputs go back through each request's sink, called on this thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from engine.errors import ContextLengthError, EngineDeadError, InvalidParameterError, QueueFullError
+from engine.llm_engine import LLMEngine
+from engine.outputs import FinishReason, RequestOutput, SequenceOutput
+from engine.params import GenerationRequest
+from engine.sequence import Request
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, max_in_flight: int, watchdog_timeout_s: float):
+        self.engine = engine
+        self.max_in_flight = max_in_flight
+        self.watchdog_timeout_s = watchdog_timeout_s
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._commands: deque = deque()
+        self._in_flight: set[str] = set()
+        self._ids = itertools.count()
+        self._stopping = False
+        self.dead_reason: str | None = None
+        self.last_progress = time.monotonic()
+        self.busy = False
+        self._thread = threading.Thread(target=self._run, name="textgen-step-loop", daemon=True)
+        self._thread.start()
+
+    # ---- any thread -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: Sink, field: str = "token_ids") -> str:
+        """Queue a request; returns its id.
+
+        Raises InvalidParameterError / ContextLengthError (naming `field` for the prompt),
+        QueueFullError, or EngineDeadError.
+        """
+        self._validate(request, field)
+        with self._lock:
+            if self.dead_reason is not None:
+                raise EngineDeadError(f"the engine has stopped: {self.dead_reason}")
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            if len(self._in_flight) >= self.max_in_flight:
+                raise QueueFullError(f"{len(self._in_flight)} requests in flight; the limit is {self.max_in_flight}")
+            request_id = request.request_id or f"req-{next(self._ids)}"
+            if request_id in self._in_flight:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            self._in_flight.add(request_id)
+
+            def deliver(output: RequestOutput) -> None:
+                if output.finished:
+                    with self._lock:
+                        self._in_flight.discard(output.request_id)
+                sink(output)
+
+            state = Request(request_id, list(request.prompt_token_ids), request.params, deliver)
+            self._commands.append(("add", state))
+        self._wakeup.set()
+        return request_id
+
+    def _validate(self, request: GenerationRequest, field: str) -> None:
+        ids = request.prompt_token_ids
+        vocab = self.engine.runtime.spec.vocab_size
+        if len(ids) == 0:
+            raise InvalidParameterError(field, "the prompt is empty")
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(field, f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.engine.max_model_len:
+            raise ContextLengthError(
+                field, f"the prompt has {len(ids)} tokens; the context holds {self.engine.max_model_len}"
+            )
+        pool = self.engine.block_manager
+        needed = pool.blocks_needed(len(ids) + request.params.max_new_tokens)
+        if needed > pool.num_blocks:
+            raise ContextLengthError(
+                "max_new_tokens",
+                f"prompt plus max_new_tokens needs {needed} KV blocks; the pool has {pool.num_blocks}",
+            )
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._commands.append(("abort", request_id))
+        self._wakeup.set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def is_healthy(self) -> bool:
+        if self.dead_reason is not None:
+            return False
+        stuck = self.busy and time.monotonic() - self.last_progress > self.watchdog_timeout_s
+        return not stuck
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    # ---- the loop thread --------------------------------------------------------------
+    def _apply_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, deque()
+        for kind, payload in commands:
+            if kind == "add":
+                self.engine.add_request(payload)
+            else:
+                # Commands apply in order, so an abort right after its add finds the request;
+                # one that raced a finish finds nothing and does nothing.
+                self.engine.abort(payload)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._apply_commands()
+                if self._stopping:
+                    self.engine.abort_all()
+                    return
+                if not self.engine.has_work:
+                    self.busy = False
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                self.busy = True
+                self.engine.step()
+                self.last_progress = time.monotonic()
+        except Exception as exc:  # a bug in engine state: nothing can be trusted any more
+            logger.exception("the step loop died")
+            self._die(repr(exc))
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            self.dead_reason = reason
+            pending = [p for k, p in self._commands if k == "add"]
+            self._commands.clear()
+        requests = list(self.engine.requests.values()) + pending
+        for request in requests:
+            output = RequestOutput(
+                request_id=request.request_id,
+                sequences=(SequenceOutput(index=0, token_ids=(), text="", finish_reason=FinishReason.ERROR),),
+                finished=True,
+                prompt_tokens=request.prompt_len,
+                completion_tokens=0,
+                cached_tokens=0,
+                error=f"the engine stopped: {reason}",
+            )
+            try:
+                request.sink(output)
+            except Exception:  # noqa: BLE001 - a broken sink must not stop the others
+                logger.exception("sink failed for %s", request.request_id)

@@ -1,0 +1,108 @@
+"""Builds a running engine from what the user passes to from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import loader
+from engine.config import EngineConfig
+from engine.default_model import DEFAULT_MODEL_ID
+from engine.engine_loop import EngineLoop
+from engine.generation_config import resolve_sampling_params
+from engine.llm_engine import LLMEngine
+from engine.model_info import ModelInfo
+from engine.runtime.torch_runtime import TorchRuntime
+from engine.tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    loop: EngineLoop
+    info: ModelInfo
+    tokenizer: TextTokenizer
+    folder: Path
+    generation_defaults: dict  # generation_config.json as a dict
+
+    def resolve_params(self, prompt_len: int, generation_config=None, **overrides):
+        return resolve_sampling_params(
+            self.generation_defaults, generation_config,
+            prompt_len=prompt_len, max_model_len=self.info.max_model_len, **overrides,
+        )
+
+
+def pick_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        # CPUs here have no bf16 arithmetic; GPUs serve bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unsupported {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def num_kv_blocks(runtime: TorchRuntime, config: EngineConfig, max_model_len: int) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = runtime.kv_cache_bytes_per_block(config.block_size)
+    if runtime.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        budget = int(free * config.kv_cache_memory_fraction)
+    else:
+        budget = config.kv_cache_bytes
+    # Never more than every sequence slot at full context could use.
+    ceiling = config.max_num_seqs * -(-max_model_len // config.block_size)
+    return max(1, min(budget // per_block, ceiling))
+
+
+def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gguf_file=None, **options) -> LoadedModel:
+    config, unknown = EngineConfig.from_options(**options)
+    if unknown:
+        raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+    folder = loader.resolve_model_folder(model, gguf_file=gguf_file)
+    spec = loader.load_spec(folder)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    logger.info("loading %s (%s) on %s in %s", folder, spec.architecture, torch_device, torch_dtype)
+    weights = loader.load_weights(folder, torch_dtype)
+    runtime = TorchRuntime(spec, weights, torch_dtype, torch_device, use_fp8=use_fp8)
+    tokenizer = TextTokenizer.from_folder(folder)
+
+    max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    blocks = num_kv_blocks(runtime, config, max_model_len)
+    runtime.init_kv_cache(blocks, config.block_size)
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, config.block_size,
+                blocks * runtime.kv_cache_bytes_per_block(config.block_size) / 2**20)
+
+    gen_path = folder / "generation_config.json"
+    defaults = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    engine = LLMEngine(runtime, tokenizer, config, max_model_len, blocks)
+    loop = EngineLoop(engine, config.max_num_seqs + config.max_waiting_requests, config.watchdog_timeout_s)
+    default_params = resolve_sampling_params(defaults, None, prompt_len=1, max_model_len=max_model_len)
+    info = ModelInfo(
+        model_id=str(model) if model not in (None, "default") else DEFAULT_MODEL_ID,
+        architecture=spec.architecture,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        fp8=bool(getattr(runtime, "fp8_enabled", False)),
+        max_model_len=max_model_len,
+        vocab_size=spec.vocab_size,
+        eos_token_ids=default_params.eos_token_ids,
+        default_params=default_params,
+    )
+    return LoadedModel(loop, info, tokenizer, folder, defaults)

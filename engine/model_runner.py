@@ -1,0 +1,50 @@
+"""Turns a SchedulerOutput into the runtime's ForwardBatch."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.runtime.base import ForwardBatch
+from engine.scheduler import SchedulerOutput
+
+
+def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_indices: list[int] = []
+    prefill_chunks = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    for i, s in enumerate(out.scheduled):
+        seq = s.seq
+        start, end = seq.num_computed, seq.num_computed + s.num_tokens
+        query_start = len(input_ids)
+        blocks = seq.table.blocks
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if i < out.num_decodes:
+            decode_tables.append(blocks)
+            decode_lens.append(end)
+        else:
+            prefill_chunks.append((query_start, s.num_tokens, end, blocks))
+        if s.sample:
+            logits_indices.append(len(input_ids) - 1)
+
+    width = max((len(t) for t in decode_tables), default=0)
+    padded = [t + [0] * (width - len(t)) for t in decode_tables]
+
+    def tensor(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return ForwardBatch(
+        input_ids=tensor(input_ids),
+        positions=tensor(positions),
+        slot_mapping=tensor(slots),
+        num_decodes=out.num_decodes,
+        decode_block_tables=tensor(padded).reshape(len(padded), width),
+        decode_context_lens=tensor(decode_lens),
+        prefill_chunks=prefill_chunks,
+        logits_indices=tensor(logits_indices),
+    )

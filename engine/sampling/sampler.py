@@ -1,0 +1,113 @@
+"""Next-token choice for non-beam sequences: greedy or sampled, one row per sequence.
+
+Sampling uses the exponential race: with E_i ~ Exponential(1) independent,
+argmax_i p_i / E_i is distributed as Categorical(p) (E_i / p_i is exponential with
+rate p_i, and the smallest of independent exponentials is i with probability
+p_i / sum p). We use it rather than torch.multinomial because
+* each row draws its own noise from its own generator, so a seeded sequence gets
+  the same tokens whatever else shares its batch (one shared draw over the batch
+  would tie a row's randomness to its position and neighbours);
+* the draw is a noise fill plus one batched argmax: nothing is read back to the
+  host until the single transfer of all chosen tokens at the end, so the GPU is
+  never synchronised per row (multinomial works row by row and may sync).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from engine.params import SamplingParams
+from engine.sampling.processors import process_logits
+
+# Exponential noise of exactly 0 (possible in float32) would divide by zero; the
+# smallest normal float32 keeps p / E finite (<= 1 / 1.2e-38 < float32 max).
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class SampleRow:
+    """One sequence that needs a next token this step."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + generated so far (transformers' input_ids)
+    num_generated: int  # for min_new_tokens
+    generator: torch.Generator | None  # per-sequence, seeded; None => nondeterministic
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: float  # log-softmax of the RAW model logits at token_id
+    # params.logprobs alternatives from the raw log-softmax, best first; () when logprobs is None.
+    top_logprobs: tuple[tuple[int, float], ...]
+
+
+def make_generator(seed: int | None, index: int, device: torch.device | str) -> torch.Generator:
+    """A generator for output sequence `index` of a request seeded with `seed`.
+
+    Each index gets its own stream (num_return_sequences > 1 must not repeat one
+    sample), derived by hashing (seed, index) so that nearby seeds or indices give
+    unrelated streams. seed None: a fresh random seed (still one stream per row)."""
+    if seed is None:
+        seed = secrets.randbits(63)
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") >> 1)  # < 2**63
+    return generator
+
+
+class Sampler:
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
+        """logits: [len(rows), vocab], row i for rows[i]. Returns one result per row."""
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
+        if not rows:
+            return []
+        logits = logits.float()
+        params = [r.params for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        processed = process_logits(logits, params, [r.token_ids for r in rows], [r.num_generated for r in rows])
+
+        tokens = processed.argmax(dim=-1)  # greedy rows keep this
+        sampling = [i for i, p in enumerate(params) if p.do_sample]
+        if sampling:
+            index = torch.tensor(sampling, dtype=torch.long, device=logits.device)
+            probs = processed.index_select(0, index).softmax(dim=-1)
+            noise = self._exponential_noise(probs, [rows[i].generator for i in sampling])
+            tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        k = min(max((p.logprobs or 0) for p in params), logits.shape[1])
+        top = torch.topk(raw_logprobs, k, dim=-1) if k else None
+        # The one device -> host transfer of the step.
+        token_list = tokens.tolist()
+        chosen_list = chosen.tolist()
+        top_values = top.values.tolist() if top is not None else None
+        top_ids = top.indices.tolist() if top is not None else None
+
+        results = []
+        for i, p in enumerate(params):
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if p.logprobs:
+                alternatives = tuple(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs]))
+            results.append(SampleResult(token_list[i], chosen_list[i], alternatives))
+        return results
+
+    @staticmethod
+    def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        unseeded = [j for j, g in enumerate(generators) if g is None]
+        for j, g in enumerate(generators):
+            if g is not None:
+                # Exactly one vocab-sized draw per row and step: the row's stream does
+                # not depend on the batch.
+                noise[j].exponential_(generator=g)
+        if unseeded:
+            index = torch.tensor(unseeded, dtype=torch.long, device=probs.device)
+            fresh = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
+            noise.index_copy_(0, index, fresh.exponential_())
+        return noise.clamp_min_(_TINY)

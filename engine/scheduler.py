@@ -1,0 +1,367 @@
+"""Iteration-level scheduler: which sequences run in the next forward pass.
+
+Two-phase contract:
+- `schedule()` picks the work for one step within the token budget and the KV
+  pool: running requests first (decodes and unfinished prefill chunks), preempting
+  the newest ones by recompute when blocks run out, then waiting requests.
+- `update_from_output()` is the only place request state changes after the
+  forward pass: tokens are appended, beams re-parented, stops checked, blocks freed.
+
+Every sequence catches its `num_computed` up to `len(token_ids)`; chunked prefill,
+prefix-cache hits, recompute after preemption and decode are one code path.
+All live sequences of a request sample in the same step (a beam step needs every
+beam's logits), so a request whose sequences cannot all finish their pending
+tokens this step advances each by at most `num_pending - 1`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.outputs import FinishReason, RequestOutput, SequenceOutput, TokenLogprob
+from engine.sequence import Request, RequestStatus, Sequence
+from engine.stop import check_stop
+
+# (sequence, tokens to compute this step, whether its logits are sampled)
+Plan = list[tuple[Sequence, int, bool]]
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    seq: Sequence
+    num_tokens: int
+    sample: bool  # its last scheduled token is the sequence's last: logits needed
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefills
+    num_decodes: int = 0
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    # Outputs decided while scheduling (requests that can never fit the pool).
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def requests(self) -> list[Request]:
+        return list({id(s.request): s.request for s in self.scheduled}.values())
+
+
+@dataclass
+class StepSamples:
+    """What the sampling stage decided for the sequences that sampled."""
+
+    # seq_id -> SampleResults: one per sequence, or one per output sequence for a
+    # request's first token (the request then forks into that many sequences).
+    tokens: dict[int, list] = field(default_factory=dict)
+    # request_id -> engine.sampling.beam_search.BeamStep
+    beams: dict[str, object] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, text, make_generator):
+        self.config = config
+        self.blocks = block_manager
+        self.max_model_len = max_model_len
+        self.text = text  # engine.text.TextLayer: detokenizers and full decodes
+        self._make_generator = make_generator  # (params, index) -> torch.Generator | None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions_total = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0  # of those, tokens whose KV was reused
+
+    # ---- admission and removal ------------------------------------------------------
+    def add(self, request: Request) -> None:
+        params = request.params
+        prompt = list(request.prompt_token_ids)
+        request.seqs = [Sequence(index=0, token_ids=prompt, prompt_len=len(prompt))]
+        num_streams = 1 if params.use_beam_search else params.num_return_sequences
+        request.generators = [self._make_generator(params, k) for k in range(num_streams)]
+        if params.use_beam_search:
+            from engine.sampling.beam_search import BeamSearch
+
+            request.beam_search = BeamSearch(params, prompt, params.max_new_tokens)
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        for queue in (self.waiting, self.running):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    return self._finish(request, FinishReason.ABORTED)
+        return None
+
+    def abort_all(self) -> list[RequestOutput]:
+        ids = [r.request_id for r in [*self.waiting, *self.running]]
+        return [o for o in map(self.abort, ids) if o is not None]
+
+    def fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
+        """Finish the requests of a failed step; the engine goes on with the rest."""
+        outputs = []
+        for request in requests:
+            if request.finished:
+                continue
+            for queue in (self.waiting, self.running):
+                if request in queue:
+                    queue.remove(request)
+            request.error = message
+            outputs.append(self._finish(request, FinishReason.ERROR))
+        return outputs
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        seq_slots = self.config.max_num_seqs
+        preempted = False
+
+        queue = list(self.running)  # oldest first; preemption victims come off the end
+        while queue:
+            request = queue.pop(0)
+            plan = self._plan(request, budget, seq_slots)
+            if plan is None:
+                continue  # no budget left for it this step; it keeps its blocks
+            while not self._fits(plan) and queue:
+                self._preempt(queue.pop())
+                preempted = True
+            if not self._fits(plan):
+                if not out.scheduled and len(self.running) == 1:
+                    self.running.remove(request)
+                    out.outputs.append(self._too_big(request))
+                else:
+                    self._preempt(request)
+                    preempted = True
+                continue
+            self._commit(request, plan, out)
+            budget -= sum(n for _, n, _ in plan)
+            seq_slots -= len(plan)
+
+        # Admit waiting requests in arrival order, unless this step had to preempt.
+        while self.waiting and not preempted and budget > 0 and seq_slots > 0:
+            request = self.waiting[0]
+            self._match_prefix(request)
+            plan = self._plan(request, budget, seq_slots)
+            if plan is None or not self._fits(plan):
+                # Waiting requests hold no blocks, so the running ones can always make progress.
+                self._release(request)
+                if plan is not None and not self.running and not out.scheduled:
+                    self.waiting.popleft()
+                    out.outputs.append(self._too_big(request))
+                    continue
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = request.seqs[0].num_computed
+                self.prefix_queries += request.prompt_len
+                self.prefix_hits += request.num_cached_tokens
+            self.running.append(request)
+            self._commit(request, plan, out)
+            budget -= sum(n for _, n, _ in plan)
+            seq_slots -= len(plan)
+
+        # One-token chunks go first: the runtime attends to them as one batched decode.
+        out.scheduled.sort(key=lambda s: s.num_tokens != 1)
+        out.num_decodes = sum(1 for s in out.scheduled if s.num_tokens == 1)
+        return out
+
+    def _match_prefix(self, request: Request) -> None:
+        for seq in request.live_seqs:
+            if not seq.table.blocks:
+                seq.num_computed = self.blocks.match_prefix(seq.table, seq.token_ids)
+
+    def _plan(self, request: Request, budget: int, seq_slots: int) -> Plan | None:
+        live = request.live_seqs
+        if not live or len(live) > seq_slots:
+            return None
+        if sum(s.num_pending for s in live) <= budget:
+            return [(s, s.num_pending, True) for s in live]
+        plan = []
+        for s in live:
+            n = min(s.num_pending - 1, budget)
+            if n > 0:
+                plan.append((s, n, False))
+                budget -= n
+        return plan or None
+
+    def _fits(self, plan: Plan) -> bool:
+        need = sum(self.blocks.slots_needed(s.table, s.num_computed, n) for s, n, _ in plan)
+        return need <= self.blocks.num_free_blocks
+
+    def _commit(self, request: Request, plan: Plan, out: SchedulerOutput) -> None:
+        for seq, n, sample in plan:
+            out.copies.extend(self.blocks.allocate(seq.table, seq.num_computed, n))
+            out.scheduled.append(ScheduledSeq(request, seq, n, sample))
+
+    def _release(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.blocks.free(seq.table)
+            seq.num_computed = 0
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks; it recomputes from the head of the queue."""
+        self.running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def _too_big(self, request: Request) -> RequestOutput:
+        request.error = (
+            f"the request needs more KV cache than the whole pool "
+            f"({self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens)"
+        )
+        return self._finish(request, FinishReason.ERROR)
+
+    # ---- the update step ----------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, samples: StepSamples) -> list[RequestOutput]:
+        outputs = list(out.outputs)
+        for s in out.scheduled:
+            s.seq.num_computed += s.num_tokens
+            self.blocks.register_full_blocks(s.seq.table, s.seq.token_ids, s.seq.num_computed)
+        for request in out.requests:
+            if request.finished or not any(s.sample for s in out.scheduled if s.request is request):
+                continue
+            if request.beam_search is not None:
+                self._apply_beam_step(request, samples.beams[request.request_id])
+            elif not request.forked:
+                self._fork(request, samples.tokens[request.seqs[0].seq_id])
+            else:
+                for seq in request.live_seqs:
+                    self._append(request, seq, samples.tokens[seq.seq_id][0])
+            if not request.live_seqs or (request.beam_search is not None and request.beam_search.done):
+                self.running.remove(request)
+                outputs.append(self._finish(request, None))
+            else:
+                outputs.append(self._output(request))
+        return outputs
+
+    def _fork(self, request: Request, results: list) -> None:
+        """After the prompt: one sequence per output, sharing the prompt's blocks."""
+        root = request.seqs[0]
+        seqs = [root] + [
+            Sequence(index=k, token_ids=list(root.token_ids), prompt_len=root.prompt_len,
+                     num_computed=root.num_computed, table=self.blocks.fork(root.table))
+            for k in range(1, len(results))
+        ]
+        for seq, generator in zip(seqs, request.generators):
+            seq.generator = generator
+        request.seqs = seqs
+        request.forked = True
+        for seq, result in zip(seqs, results):
+            self._append(request, seq, result)
+
+    def _append(self, request: Request, seq: Sequence, result) -> None:
+        params = request.params
+        token = result.token_id
+        seq.token_ids.append(token)
+        seq.new_token_ids.append(token)
+        seq.cumulative_logprob += result.logprob
+        if params.logprobs is not None:
+            seq.new_logprobs.append(TokenLogprob(token, result.logprob, tuple(result.top_logprobs)))
+        if seq.detokenizer is None:
+            seq.detokenizer = self.text.detokenizer(params)
+        step = seq.detokenizer.push(token)
+        seq.new_text += step.text
+        reason = check_stop(token, seq.num_generated, len(seq.token_ids), params, self.max_model_len, step.stopped)
+        if reason is not None:
+            self._finish_seq(seq, reason)
+
+    def _finish_seq(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        if reason is not FinishReason.STOP_STRING and seq.detokenizer is not None:
+            seq.new_text += seq.detokenizer.flush()
+        self.blocks.free(seq.table)
+
+    def _apply_beam_step(self, request: Request, step) -> None:
+        old = request.seqs if request.forked else [request.seqs[0]]
+        claimed: set[int] = set()
+        new = []
+        for k, parent_index in enumerate(step.parents):
+            parent = old[parent_index]
+            if parent_index in claimed:
+                child = Sequence(index=k, token_ids=list(parent.token_ids), prompt_len=parent.prompt_len,
+                                 num_computed=parent.num_computed, table=self.blocks.fork(parent.table))
+            else:
+                claimed.add(parent_index)
+                child = parent
+            new.append(child)
+        for i, seq in enumerate(old):
+            if i not in claimed:
+                self.blocks.free(seq.table)
+        # Forks copied their parent's tokens above, so appending now is safe.
+        for k, (seq, token) in enumerate(zip(new, step.tokens)):
+            seq.index = k
+            seq.token_ids.append(token)
+        request.seqs = new
+        request.forked = True
+
+    # ---- outputs ----------------------------------------------------------------------
+    def _finish(self, request: Request, reason: FinishReason | None) -> RequestOutput:
+        """Close a request: stop its live sequences with `reason` and free everything."""
+        beam_output = request.beam_search is not None and request.beam_search.done and reason is None
+        for seq in request.seqs:
+            if not seq.finished:
+                self._finish_seq(seq, reason or FinishReason.ABORTED)
+            self.blocks.free(seq.table)
+        request.status = RequestStatus.FINISHED
+        if beam_output:
+            return self._beam_output(request)
+        return self._output(request)
+
+    def _output(self, request: Request) -> RequestOutput:
+        sequences = []
+        for seq in request.seqs:
+            if not (seq.new_token_ids or seq.new_text or seq.finished and not seq.finish_reported):
+                continue
+            sequences.append(SequenceOutput(
+                index=seq.index,
+                token_ids=tuple(seq.new_token_ids),
+                text=seq.new_text,
+                finish_reason=seq.finish_reason,
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=tuple(seq.new_logprobs) if request.params.logprobs is not None else None,
+            ))
+            seq.new_token_ids, seq.new_text, seq.new_logprobs = [], "", []
+            seq.finish_reported = seq.finished
+        return self._request_output(request, sequences)
+
+    def _beam_output(self, request: Request) -> RequestOutput:
+        eos = request.params.all_stop_token_ids
+        sequences = []
+        for i, hyp in enumerate(request.beam_search.finalize()):
+            ids = tuple(hyp.token_ids)
+            reason = FinishReason.EOS if ids and ids[-1] in eos else FinishReason.LENGTH
+            sequences.append(SequenceOutput(index=i, token_ids=ids, text=self.text.decode(request.params, ids),
+                                            finish_reason=reason, cumulative_logprob=float(hyp.score)))
+        request.beam_completion_tokens = sum(len(s.token_ids) for s in sequences)
+        return self._request_output(request, sequences)
+
+    def _request_output(self, request: Request, sequences: list[SequenceOutput]) -> RequestOutput:
+        completion = request.beam_completion_tokens
+        if completion is None:
+            completion = request.num_completion_tokens
+        return RequestOutput(
+            request_id=request.request_id,
+            sequences=tuple(sequences),
+            finished=request.finished,
+            prompt_tokens=request.prompt_len,
+            completion_tokens=completion,
+            cached_tokens=request.num_cached_tokens,
+            error=request.error,
+        )

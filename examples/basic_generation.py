@@ -1,0 +1,23 @@
+"""The guide's "Basic Generation", in process.
+
+remote_basic_generation.py is the same script against the server: one line differs.
+SmolLM2-Instruct is a chat model, so the question goes through its chat template.
+"""
+
+from transformers import AutoTokenizer
+
+from engine import AutoModelForCausalLM
+from engine.loader import resolve_model_folder
+
+model_id = "default"  # the embedded SmolLM2-135M-Instruct
+
+model = AutoModelForCausalLM.from_pretrained(model_id, use_fp8=True)  # FP8 where the device has it
+tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(model_id))  # the model's tokenizer files
+
+messages = [{"role": "user", "content": "What are the best things to do in Paris?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+
+# Generate text with default settings
+generated_ids = model.generate(inputs["input_ids"], max_new_tokens=100)
+decoded_text = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
+print(decoded_text[0])

@@ -1,0 +1,65 @@
+"""One Generate / GenerateStream call's life in the engine.
+
+It names the request, converts it, submits it, and makes sure a client that goes
+away (cancel, disconnect, passed deadline) aborts it: closing the engine's iterator
+already does, and the RPC's done-callback calls engine.abort as a second guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from service import convert
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRun:
+    def __init__(self, engine, metrics, request, context):
+        if not request.HasField("request_id"):
+            # Written back so that error logs (service/errors.py) name the request too.
+            request.request_id = f"req-{uuid.uuid4().hex[:16]}"
+        self.request_id = request.request_id
+        self.request = convert.generation_request(request, engine, self.request_id)
+        self._engine = engine
+        self._metrics = metrics
+        self._timer = metrics.request_timer()
+        self._finished = False
+        context.add_done_callback(self._on_rpc_done)
+        p = self.request.params
+        logger.info(
+            "[%s] start: %d prompt tokens, max_new_tokens=%d, sequences=%d, sample=%s",
+            self.request_id, len(self.request.prompt_token_ids), p.max_new_tokens, p.num_sequences, p.do_sample,
+        )  # fmt: skip
+
+    async def __aiter__(self):
+        """The engine's RequestOutputs, one per step, the last with finished=True."""
+        try:
+            # The engine raises for a bad request and for a failed step (RequestFailedError).
+            async for output in self._engine.generate(self.request):
+                self._timer.observe(output)
+                if output.finished:
+                    self._finished = True
+                    self._log_done(output)
+                yield output
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the client cancels, disconnects or passes its deadline.
+            logger.info("[%s] cancelled: the client went away or its deadline passed", self.request_id)
+            self._metrics.count_error("CANCELLED")
+            raise
+
+    def _log_done(self, output) -> None:
+        reasons = ",".join(s.finish_reason.value for s in output.sequences if s.finish_reason)
+        logger.info(
+            "[%s] done: %s, %d completion tokens (%d prompt tokens cached)",
+            self.request_id, reasons, output.completion_tokens, output.cached_tokens,
+        )  # fmt: skip
+
+    def _on_rpc_done(self, context) -> None:
+        # Closing the engine's iterator has already aborted an unfinished request; this is
+        # the second guard. abort is idempotent, and skipped for a finished request so that
+        # a client reusing its request_id at once is never hit by a late abort.
+        if not self._finished:
+            self._engine.abort(self.request_id)

@@ -1,0 +1,198 @@
+"""Continuous batching, paging, preemption, prefix reuse and abort, on a fake runtime.
+
+The fake runtime's logits depend on the token ids read back through each sequence's
+block table (tests/engine/fake_runtime.py), so any paging mistake changes tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import FinishReason
+from engine.params import SamplingParams
+from engine.sampling.beam_search import BeamSearch
+from engine.sequence import Request
+from engine.tokenizer import TextTokenizer
+from tests.engine.fake_runtime import FakeRuntime, greedy_reference, reference_logits
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    return TextTokenizer.from_folder(tiny_llama)
+
+
+def make_engine(tokenizer, num_blocks=256, block_size=4, runtime=None, **config):
+    runtime = runtime or FakeRuntime()
+    runtime.init_kv_cache(num_blocks, block_size)
+    cfg = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **config)
+    return LLMEngine(runtime, tokenizer, cfg, max_model_len=4096, num_blocks=num_blocks)
+
+
+class Collector:
+    def __init__(self):
+        self.outputs = {}
+
+    def sink_for(self, request_id):
+        def sink(output):
+            self.outputs.setdefault(request_id, []).append(output)
+        return sink
+
+    def tokens(self, request_id, index=0):
+        return [t for o in self.outputs[request_id] for s in o.sequences if s.index == index for t in s.token_ids]
+
+    def final(self, request_id):
+        return self.outputs[request_id][-1]
+
+
+def run(engine, arrivals, max_steps=2000):
+    """arrivals: [(step, request_id, prompt, params)]; returns a Collector once all finish."""
+    collector = Collector()
+    pending = sorted(arrivals, key=lambda a: a[0])
+    step = 0
+    while (pending or engine.has_work) and step < max_steps:
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.add_request(Request(rid, list(prompt), params, collector.sink_for(rid)))
+        engine.step()
+        step += 1
+    assert not engine.has_work, "engine did not finish"
+    return collector
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(max_new_tokens=n, do_sample=False, **kw)
+
+
+def random_prompts(count, seed=0, lo=1, hi=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49152) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
+
+
+def assert_all_blocks_free(engine):
+    assert engine.block_manager.num_used_blocks == 0
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_staggered_requests_match_each_run_alone(tokenizer):
+    engine = make_engine(tokenizer)
+    prompts = random_prompts(8)
+    prompts.append(prompts[0] + [7, 8, 9])  # shares a prefix with request 0
+    arrivals = [(i * 2, f"r{i}", p, greedy(10 + i)) for i, p in enumerate(prompts)]
+    got = run(engine, arrivals)
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 10 + i), f"request r{i}"
+        assert got.final(f"r{i}").sequences[-1].finish_reason is FinishReason.LENGTH
+    assert_all_blocks_free(engine)
+
+
+def test_tiny_pool_preempts_and_still_matches(tokenizer):
+    engine = make_engine(tokenizer, num_blocks=24, block_size=4)
+    prompts = random_prompts(6, seed=1, lo=10, hi=30)
+    arrivals = [(0, f"r{i}", p, greedy(20)) for i, p in enumerate(prompts)]
+    got = run(engine, arrivals)
+    assert engine.scheduler.preemptions_total > 0
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 20)
+    assert_all_blocks_free(engine)
+
+
+def test_chunked_prefill_of_long_prompts(tokenizer):
+    engine = make_engine(tokenizer, max_num_batched_tokens=7)
+    prompts = random_prompts(3, seed=2, lo=25, hi=40)
+    got = run(engine, [(0, f"r{i}", p, greedy(5)) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 5)
+
+
+def test_repeated_prompt_hits_prefix_cache(tokenizer):
+    engine = make_engine(tokenizer)
+    prompt = random_prompts(1, seed=3, lo=30, hi=30)[0]
+    first = run(engine, [(0, "a", prompt, greedy(6))])
+    second = run(engine, [(0, "b", prompt, greedy(6))])
+    assert first.final("a").cached_tokens == 0
+    assert second.final("b").cached_tokens == 28  # 7 full blocks of 4; the last token is recomputed
+    assert second.tokens("b") == first.tokens("a") == greedy_reference(prompt, 6)
+    assert engine.scheduler.prefix_hits == 28
+
+
+def test_abort_frees_every_block(tokenizer):
+    engine = make_engine(tokenizer)
+    collector = Collector()
+    for rid, prompt in zip("abc", random_prompts(3, seed=4)):
+        engine.add_request(Request(rid, prompt, greedy(100), collector.sink_for(rid)))
+    for _ in range(5):
+        engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    engine.abort("b")
+    assert collector.final("b").finished
+    assert collector.final("b").sequences[-1].finish_reason is FinishReason.ABORTED
+    engine.abort("a")
+    engine.abort("c")
+    engine.abort("not-there")  # unknown ids are ignored
+    assert_all_blocks_free(engine)
+
+
+def test_failed_step_fails_only_its_requests(tokenizer):
+    engine = make_engine(tokenizer, runtime=FakeRuntime(fail_on_token=4242))
+    good = random_prompts(1, seed=5)[0]
+    got = run(engine, [(0, "bad", [5, 4242, 6], greedy(4)), (1, "good", good, greedy(4))])
+    assert got.final("bad").error and "injected" in got.final("bad").error
+    assert got.final("bad").sequences[-1].finish_reason is FinishReason.ERROR
+    assert got.tokens("good") == greedy_reference(good, 4)
+    assert_all_blocks_free(engine)
+
+
+def test_eos_stops_a_sequence(tokenizer):
+    prompt = random_prompts(1, seed=6)[0]
+    ref = greedy_reference(prompt, 10)
+    eos = ref[4]
+    engine = make_engine(tokenizer)
+    got = run(engine, [(0, "a", prompt, greedy(10, eos_token_ids=(eos,)))])
+    assert got.tokens("a") == ref[: ref.index(eos) + 1]
+    assert got.final("a").sequences[-1].finish_reason is FinishReason.EOS
+
+
+def sampled(n, seed, **kw):
+    return SamplingParams(max_new_tokens=8, do_sample=True, top_k=0, seed=seed, num_return_sequences=n, **kw)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(tokenizer):
+    prompt = random_prompts(1, seed=7)[0]
+    alone = run(make_engine(tokenizer), [(0, "s", prompt, sampled(3, seed=11))])
+    others = [(0, f"o{i}", p, sampled(2, seed=None)) for i, p in enumerate(random_prompts(5, seed=8))]
+    busy = run(make_engine(tokenizer, num_blocks=40), others + [(2, "s", prompt, sampled(3, seed=11))])
+    for k in range(3):
+        assert busy.tokens("s", k) == alone.tokens("s", k)
+        assert len(alone.tokens("s", k)) == 8
+    # The three sequences draw from distinct streams.
+    assert len({tuple(alone.tokens("s", k)) for k in range(3)}) == 3
+
+
+def beam_reference(prompt, params):
+    """BeamSearch driven directly by the fake model's reference logits."""
+    search = BeamSearch(params, prompt, params.max_new_tokens)
+    beams = [[]]
+    while not search.done:
+        logits = torch.stack([reference_logits(prompt + b) for b in beams])
+        step = search.step(logits)
+        beams = [beams[p] + [t] for p, t in zip(step.parents, step.tokens)]
+    return [(list(h.token_ids), float(h.score)) for h in search.finalize()]
+
+
+@pytest.mark.parametrize("num_beams,nrs", [(2, 1), (4, 2)])
+def test_beam_search_through_the_paged_cache(tokenizer, num_beams, nrs):
+    prompts = random_prompts(3, seed=9, lo=5, hi=14)
+    params = SamplingParams(max_new_tokens=9, num_beams=num_beams, num_return_sequences=nrs, do_sample=False)
+    engine = make_engine(tokenizer, num_blocks=64)
+    got = run(engine, [(i, f"b{i}", p, params) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        final = got.final(f"b{i}")
+        expected = beam_reference(p, params)
+        assert [list(s.token_ids) for s in final.sequences] == [tokens for tokens, _ in expected]
+        assert [s.cumulative_logprob for s in final.sequences] == pytest.approx([score for _, score in expected])
+    assert_all_blocks_free(engine)

@@ -1,0 +1,160 @@
+"""`python -m service` as an operator runs it: start-up logs, health, metrics, and a
+SIGTERM that drains in-flight streams before the process exits."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients import TextGenerationClient, TextGenerationError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model, *args: str):
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(model), "--port", "0", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        match = self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
+        self.target = f"127.0.0.1:{match.group(1)}"
+
+    def wait_for_line(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r}; log:\n{''.join(self.log)}")
+
+    def health(self) -> int:
+        with grpc.insecure_channel(self.target) as channel:
+            request = health_pb2.HealthCheckRequest(service="textgen.v1.TextGenerationService")
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.log) + out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def metrics_port():
+    return free_port()
+
+
+def test_startup_health_metrics_and_drain(tiny_llama, metrics_port):
+    server = ServerProcess(
+        tiny_llama, "--metrics-port", str(metrics_port), "--num-kv-blocks", "64", "--drain-grace-s", "30"
+    )
+    try:
+        # Loading is logged, and health turns SERVING only once the warm-up generation ran.
+        server.wait_for_line(r"model loaded in")
+        server.wait_for_line(r"warm-up generation took")
+        server.wait_for_line(r"SERVING on")
+        assert server.health() == health_pb2.HealthCheckResponse.SERVING
+
+        with TextGenerationClient(server.target, timeout=60) as client:
+            result = client.generate("Hello", max_new_tokens=4, request_id="my-request-1")
+            assert result.request_id == "my-request-1" and result.usage.completion_tokens == 4
+            with pytest.raises(TextGenerationError):
+                client.generate("Hello", max_new_tokens=0)
+
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            model = re.escape(str(tiny_llama))
+            for series in (
+                rf'textgen_requests_total{{finish_reason="length",model="{model}"}} [1-9]',
+                rf'textgen_request_errors_total{{code="INVALID_ARGUMENT",model="{model}"}} 1\.0',
+                rf'textgen_time_to_first_token_seconds_count{{model="{model}"}} [1-9]',
+                rf'textgen_inter_token_latency_seconds_count{{model="{model}"}} [1-9]',
+                rf'textgen_request_duration_seconds_count{{model="{model}"}} [1-9]',
+                rf'textgen_requests_running{{model="{model}"}} 0\.0',
+                rf'textgen_requests_waiting{{model="{model}"}} 0\.0',
+                rf'textgen_kv_blocks_total{{model="{model}"}} 64\.0',
+                rf'textgen_kv_cache_usage_ratio{{model="{model}"}} ',
+                rf'textgen_preemptions_total{{model="{model}"}} ',
+                rf'textgen_prefix_cache_queries_total{{model="{model}"}} [1-9]',
+                rf'textgen_prefix_cache_hits_total{{model="{model}"}} ',
+            ):
+                assert re.search(series, metrics), f"{series} not in\n{metrics}"
+            # The log names each request.
+            server.wait_for_line(r"\[my-request-1\] done: length")
+
+            # SIGTERM while a stream runs (500 tokens: a few seconds): new calls are refused,
+            # the stream runs to its end, then the process exits cleanly.
+            stream = client.generate_stream("Hello", max_new_tokens=500, ignore_eos=True)
+            chunks = [next(stream)]
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_for_line(r"draining")
+            with pytest.raises(TextGenerationError) as caught:
+                client.generate("Hello", max_new_tokens=2)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            chunks += list(stream)
+        assert sum(len(c.token_ids) for c in chunks) == 500
+        assert chunks[-1].finish_reason == "length"
+        code, log = server.finish()
+        assert code == 0, log
+        assert "stopped" in log
+    finally:
+        server.kill()
+
+
+def test_drain_grace_cuts_streams_that_run_too_long(tiny_llama):
+    server = ServerProcess(tiny_llama, "--num-kv-blocks", "64", "--drain-grace-s", "0.5")
+    try:
+        server.wait_for_line(r"SERVING on")
+        with TextGenerationClient(server.target, timeout=60) as client:
+            stream = client.generate_stream("Hello", max_new_tokens=500, ignore_eos=True)
+            next(stream)
+            began = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(TextGenerationError):
+                list(stream)
+        code, log = server.finish()
+        assert code == 0, log
+        assert time.monotonic() - began < 10
+    finally:
+        server.kill()
+
+
+def test_a_model_that_does_not_load_exits_non_zero(tmp_path):
+    server = ServerProcess(tmp_path / "no-such-model")
+    try:
+        code, log = server.finish()
+        assert code == 1
+        assert "could not load the model" in log
+    finally:
+        server.kill()
+
+
+def test_binds_loopback_by_default():
+    from clients.channel import DEFAULT_TARGET
+    from service.options import build_parser
+
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    assert DEFAULT_TARGET.startswith("127.0.0.1:")
