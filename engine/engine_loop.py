@@ -59,7 +59,7 @@ class EngineLoop:
                 raise QueueFullError(f"{len(self._in_flight)} requests in flight; the limit is {self.max_in_flight}")
             request_id = request.request_id or f"req-{next(self._ids)}"
             if request_id in self._in_flight:
-                raise ValueError(f"request_id {request_id!r} is already in flight")
+                raise InvalidParameterError("request_id", f"{request_id!r} is already in flight")
             self._in_flight.add(request_id)
 
             def deliver(output: RequestOutput) -> None:

@@ -16,7 +16,7 @@ from engine.model_runner import build_forward_batch
 from engine.outputs import RequestOutput
 from engine.params import SamplingParams
 from engine.runtime.base import ModelRuntime
-from engine.sampling.sampler import SampleRow, Sampler, make_generator
+from engine.sampling.sampler import Sampler, SampleRow, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput, StepSamples
 from engine.sequence import Request
 from engine.text import TextLayer

@@ -50,3 +50,5 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int
     error: str | None = None
+    # Seconds from arrival to the first schedule; None until then.
+    queue_time_s: float | None = None

@@ -364,4 +364,6 @@ class Scheduler:
             completion_tokens=completion,
             cached_tokens=request.num_cached_tokens,
             error=request.error,
+            queue_time_s=(request.first_scheduled_time - request.arrival_time
+                          if request.first_scheduled_time is not None else None),
         )

@@ -32,6 +32,10 @@ class ServiceUnavailableError(RuntimeError):
     """The server cannot take requests now: the model is loading, or the server drains."""
 
 
+class DuplicateRequestError(ValueError):
+    """A call names a request_id that a running call already uses."""
+
+
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, list[any_pb2.Any]]:
     """(code, message, details) for an exception raised while serving a request."""
     if isinstance(exc, InvalidParameterError):
@@ -42,6 +46,8 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, list[any_pb2.Any]]
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         return code, f"{field}: {exc.description}", [detail]
+    if isinstance(exc, DuplicateRequestError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc), []
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {exc}", []
     if isinstance(exc, (EngineDeadError, ServiceUnavailableError)):

@@ -12,21 +12,29 @@ import logging
 import uuid
 
 from service import convert
+from service.errors import DuplicateRequestError
 
 logger = logging.getLogger(__name__)
 
 
 class RequestRun:
-    def __init__(self, engine, metrics, request, context):
+    def __init__(self, engine, metrics, request, context, in_flight: dict[str, RequestRun]):
         if not request.HasField("request_id"):
             # Written back so that error logs (service/errors.py) name the request too.
             request.request_id = f"req-{uuid.uuid4().hex[:16]}"
         self.request_id = request.request_id
+        # A second call under a running request's id is refused: aborting it (cancel,
+        # deadline) would otherwise abort the first one too.
+        if self.request_id in in_flight:
+            raise DuplicateRequestError(f"request_id {self.request_id!r} is already in flight")
         self.request = convert.generation_request(request, engine, self.request_id)
         self._engine = engine
         self._metrics = metrics
         self._timer = metrics.request_timer()
         self._finished = False
+        # The server's registry of running requests, which a drain waits on.
+        self._in_flight = in_flight
+        in_flight[self.request_id] = self
         context.add_done_callback(self._on_rpc_done)
         p = self.request.params
         logger.info(
@@ -42,6 +50,7 @@ class RequestRun:
                 self._timer.observe(output)
                 if output.finished:
                     self._finished = True
+                    self._release()
                     self._log_done(output)
                 yield output
         except asyncio.CancelledError:
@@ -57,7 +66,13 @@ class RequestRun:
             self.request_id, reasons, output.completion_tokens, output.cached_tokens,
         )  # fmt: skip
 
+    def _release(self) -> None:
+        # At the engine's last output already, so that a client may reuse the id at once.
+        if self._in_flight.get(self.request_id) is self:
+            del self._in_flight[self.request_id]
+
     def _on_rpc_done(self, context) -> None:
+        self._release()
         # Closing the engine's iterator has already aborted an unfinished request; this is
         # the second guard. abort is idempotent, and skipped for a finished request so that
         # a client reusing its request_id at once is never hit by a late abort.

@@ -3,8 +3,8 @@
 Order of events: the port opens at once with health NOT_SERVING (so probes get an
 answer while the model loads), the model loads in a worker thread, one tiny
 generation warms it, then health turns SERVING. SIGTERM (or SIGINT) turns health
-NOT_SERVING, refuses new calls, lets in-flight ones finish for up to --drain-grace-s,
-cancels the rest, and stops the engine.
+NOT_SERVING, answers new calls UNAVAILABLE, lets in-flight ones finish for up to
+--drain-grace-s, cancels the rest, and stops the engine.
 """
 
 from __future__ import annotations
@@ -133,14 +133,25 @@ class TextGenServer:
             await self.health.set(service, status)
 
     async def drain(self) -> None:
-        """Refuse new calls, let in-flight ones finish within the grace period, stop the engine."""
+        """Refuse new calls, let in-flight ones finish within the grace period, stop the engine.
+
+        The port stays open while calls drain, so new calls get a clean UNAVAILABLE from the
+        servicer and health checks see NOT_SERVING, rather than a connection going away.
+        """
         grace = self.options.drain_grace_s
-        logger.info("draining: NOT_SERVING, in-flight calls get up to %.1f s", grace)
+        deadline = time.monotonic() + grace
+        calls = self.servicer.in_flight
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
+        logger.info("draining: NOT_SERVING, %d calls in flight get up to %.1f s", len(calls), grace)
         if self._health_task is not None:
             self._health_task.cancel()
-        await self._server.stop(grace)
+        while calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if calls:
+            logger.warning("drain grace over: cancelling %d calls (%s)", len(calls), ", ".join(sorted(calls)))
+        # Cancels what is left; a short grace lets finished calls flush their last messages.
+        await self._server.stop(max(0.0, deadline - time.monotonic()) or 0.1)
         if self._owns_engine and self.engine is not None:
             await self.engine.shutdown()
         logger.info("stopped")

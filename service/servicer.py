@@ -19,6 +19,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self.engine = None
         # Cleared by the server when it starts draining: calls already running go on.
         self.accepting = True
+        # Generate / GenerateStream calls whose engine request runs, by request id.
+        self.in_flight: dict[str, RequestRun] = {}
 
     def _engine(self):
         if not self.accepting:
@@ -29,13 +31,13 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
 
     @map_errors
     async def Generate(self, request, context):
-        run = RequestRun(self._engine(), self.metrics, request, context)
+        run = RequestRun(self._engine(), self.metrics, request, context, self.in_flight)
         outputs = [output async for output in run]
         return convert.generate_response_to_pb(run.request, outputs, request.return_prompt_token_ids)
 
     @map_errors
     async def GenerateStream(self, request, context):
-        run = RequestRun(self._engine(), self.metrics, request, context)
+        run = RequestRun(self._engine(), self.metrics, request, context, self.in_flight)
         started: set[int] = set()
         async for output in run:
             for delta in output.sequences:

@@ -2,8 +2,9 @@
 
 No nn.Module: the forward is a flat loop of functional ops over weights prepared once,
 because on CPU at batch 1 the per-op dispatch cost is a visible share of a token's time.
-Numerics follow transformers (RMSNorm in float32, rotate-half rope, softmax scale
-1/sqrt(head_dim)) so fp32 greedy decoding agrees with it token for token.
+Numerics follow transformers (RMSNorm in float32, its rotate-half rope computed pairwise
+in an interleaved layout, see rope.py, softmax scale 1/sqrt(head_dim)) so fp32 greedy
+decoding agrees with it token for token.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def _get(weights: dict, name: str, dtype, device, required: bool = True) -> torc
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
-        # One fused kernel; same math as below (float32 throughout), only the sum order
-        # of the reduction may differ, at the 1e-7 level.
+        # One call instead of six; same math as below (float32 throughout), only the sum
+        # order of the reduction may differ, at the 1e-7 level.
         return F.rms_norm(x, weight.shape, weight, eps)
     # transformers: normalise in float32, cast back, then scale by the weight.
     xf = x.float()

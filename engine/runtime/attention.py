@@ -27,7 +27,7 @@ class PrefillChunk:
     query_len: int
     context_len: int  # KV tokens after this step, cached prefix included
     block_ids: torch.Tensor | None  # [blocks] int64; None when the chunk has no cached prefix
-    # [query_len, context_len] bool (True = attend), or None for a plain causal mask.
+    # [query_len, context_len] additive mask (0 or -inf), or None for a plain causal mask.
     mask: torch.Tensor | None
 
 
@@ -36,7 +36,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     num_decodes: int
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    # [num_decodes, 1, 1, max_blocks * block_size] additive (0 or -inf), in the model dtype:
+    # SDPA would otherwise convert a bool mask in every layer.
+    decode_mask: torch.Tensor
     prefill: list[PrefillChunk]
 
 
@@ -48,23 +50,29 @@ def _window_mask(query_pos: torch.Tensor, kv_pos: torch.Tensor, sliding_window: 
     return mask
 
 
-def build_metadata(batch: ForwardBatch, block_size: int, sliding_window: int | None = None) -> AttentionMetadata:
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def build_metadata(batch: ForwardBatch, block_size: int, sliding_window: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> AttentionMetadata:
     device = batch.input_ids.device
-    tables = batch.decode_block_tables.to(device=device, dtype=torch.int64)
+    tables = batch.decode_block_tables.to(device=device, dtype=torch.int64).contiguous()
     # Decode masks come from tensors only (no Python values), so the step keeps static
     # shapes for a given (batch, max_blocks) and can be captured in a CUDA graph later.
     kv_pos = torch.arange(tables.shape[1] * block_size, device=device)
     query_pos = (batch.decode_context_lens.to(device) - 1)[:, None]
-    decode_mask = _window_mask(query_pos, kv_pos[None, :], sliding_window)[:, None, None, :]
+    decode_mask = _additive(_window_mask(query_pos, kv_pos[None, :], sliding_window), dtype)[:, None, None, :]
 
     chunks = []
     for start, query_len, context_len, blocks in batch.prefill_chunks:
         offset = context_len - query_len
-        block_ids = None if offset == 0 else torch.tensor(blocks, dtype=torch.int64, device=device)
+        used = blocks[: -(-context_len // block_size)]  # tables may hold blocks reserved ahead
+        block_ids = None if offset == 0 else torch.tensor(used, dtype=torch.int64, device=device)
         mask = None
         if offset != 0 or sliding_window is not None:
             q_pos = torch.arange(offset, context_len, device=device)[:, None]
-            mask = _window_mask(q_pos, torch.arange(context_len, device=device)[None, :], sliding_window)
+            mask = _additive(_window_mask(q_pos, torch.arange(context_len, device=device)[None, :], sliding_window), dtype)
         chunks.append(PrefillChunk(start, query_len, context_len, block_ids, mask))
     return AttentionMetadata(batch.slot_mapping, batch.num_decodes, tables, decode_mask, chunks)
 
@@ -73,7 +81,8 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale
     """All decode tokens at once: q [B, heads, head_dim] -> [B, heads * head_dim]."""
     n, heads, head_dim = q.shape
     kv_heads = cache.shape[2] // 2
-    kv = cache[meta.decode_block_tables].view(n, -1, 2 * kv_heads, head_dim)  # [B, L, 2 * kv_heads, d]
+    # index_select over flat block ids: a row-wise copy, ~3x faster on CPU than cache[tables].
+    kv = cache.index_select(0, meta.decode_block_tables.view(-1)).view(n, -1, 2 * kv_heads, head_dim)
     keys = kv[:, :, :kv_heads].transpose(1, 2)  # [B, kv_heads, L, d]
     values = kv[:, :, kv_heads:].transpose(1, 2)
     # One query per sequence, so the query heads sharing a KV head can stand in for the
@@ -92,7 +101,7 @@ def _prefill(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, chunk: Pref
     if chunk.block_ids is None:  # no cached prefix: the chunk's own fresh K/V are the context
         context = kv[rows]
     else:
-        context = cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
+        context = cache.index_select(0, chunk.block_ids).flatten(0, 1)[: chunk.context_len]
     kv_heads = kv.shape[1] // 2
     keys, values = context[:, :kv_heads], context[:, kv_heads:]
     out = F.scaled_dot_product_attention(

@@ -88,7 +88,7 @@ class TorchRuntime(ModelRuntime):
         if self.kv_cache is None:
             raise RuntimeError("init_kv_cache() must be called before execute()")
         with torch.inference_mode():
-            meta = build_metadata(batch, self.block_size, self.spec.sliding_window)
+            meta = build_metadata(batch, self.block_size, self.spec.sliding_window, self.dtype)
             logits = self.model.forward(batch.input_ids, batch.positions, batch.logits_indices,
                                         self._layer_caches, meta)
             return logits.float()

@@ -32,7 +32,7 @@ device -> host transfer per step (the parents and tokens are needed there anyway
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -124,7 +124,7 @@ class BeamSearch:
         log_probs = apply_penalties(log_probs, rows, sequences, [t] * len(rows))
         log_probs = apply_warpers(log_probs, rows, self._min_tokens_to_keep)
         if first:
-            log_probs = log_probs.expand(num_beams, vocab).clone(); log_probs[1:] = 0
+            log_probs = log_probs.expand(num_beams, vocab)
         accumulated = log_probs + self._running_scores.to(logits.device).unsqueeze(1)
         accumulated = accumulated.reshape(1, num_beams * vocab)
 

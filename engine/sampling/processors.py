@@ -6,7 +6,8 @@ support): repetition_penalty, no_repeat_ngram_size, min_new_tokens/min_length
 only, the former warpers: temperature, top_k, top_p, min_p.
 
 Every function takes `scores` as a [rows, vocab] float32 tensor and returns the
-processed tensor (a new one; the caller keeps its raw logits for logprobs). Per-row
+processed scores without modifying its input (the caller keeps its raw logits for
+logprobs); when nothing applies it may return the input itself. Per-row
 parameters arrive as Python lists, so which rows need a step is decided on the host
 without reading anything back from the device; the parameters then travel to the
 device as one small tensor each.
@@ -96,9 +97,7 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
 
 def no_repeat_ngram(scores: torch.Tensor, token_ids: Sequence[Sequence[int]], sizes: Sequence[int]) -> torch.Tensor:
     vocab = scores.shape[1]
-    pairs = [
-        (i, t) for i, n in enumerate(sizes) if n > 0 for t in banned_ngram_tokens(token_ids[i], n) if t < vocab
-    ]
+    pairs = [(i, t) for i, n in enumerate(sizes) if n > 0 for t in banned_ngram_tokens(token_ids[i], n) if t < vocab]
     return _mask_pairs(scores, pairs)
 
 
@@ -202,9 +201,7 @@ def apply_penalties(
     return scores
 
 
-def apply_warpers(
-    scores: torch.Tensor, params: Sequence[SamplingParams], min_tokens_to_keep: int = 1
-) -> torch.Tensor:
+def apply_warpers(scores: torch.Tensor, params: Sequence[SamplingParams], min_tokens_to_keep: int = 1) -> torch.Tensor:
     """temperature, top_k, top_p, min_p on the rows that sample; other rows untouched.
 
     min_tokens_to_keep is 1 for plain sampling; beam sampling keeps (#eos + 1)."""

@@ -83,7 +83,8 @@ class Sampler:
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         k = min(max((p.logprobs or 0) for p in params), logits.shape[1])
         top = torch.topk(raw_logprobs, k, dim=-1) if k else None
-        # The one device -> host transfer of the step.
+        # The step's only wait on the device: the first .tolist() syncs, the rest find
+        # their values ready.
         token_list = tokens.tolist()
         chosen_list = chosen.tolist()
         top_values = top.values.tolist() if top is not None else None

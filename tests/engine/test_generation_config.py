@@ -211,7 +211,9 @@ _SCALARS = st.one_of(
     st.text(max_size=5),
     st.sampled_from(["never", 0, 1, 2, 0.5, 1.0]),
 )
-_VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=4), st.dictionaries(st.text(max_size=3), _SCALARS, max_size=2))
+_VALUES = st.one_of(
+    _SCALARS, st.lists(_SCALARS, max_size=4), st.dictionaries(st.text(max_size=3), _SCALARS, max_size=2)
+)
 
 
 @settings(max_examples=400, deadline=None)

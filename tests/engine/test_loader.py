@@ -93,6 +93,18 @@ def test_no_safetensors(tmp_path, tiny_llama):
         loader.load_weights(folder, torch.float32)
 
 
+def test_checkpoint_missing_a_tensor(tmp_path, tiny_llama):
+    from engine.runtime.torch_runtime import TorchRuntime
+
+    folder = copy_checkpoint(tiny_llama, tmp_path / "m")
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors")
+    spec = loader.load_spec(folder)
+    with pytest.raises(ModelLoadError, match="incomplete llama checkpoint: checkpoint lacks model.layers.1.mlp.up_proj"):
+        TorchRuntime(spec, loader.load_weights(folder, torch.float32), torch.float32, "cpu")
+
+
 def test_hub_id_not_in_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -192,11 +192,11 @@ def test_full_chain_matches_transformers(tiny_model, num_beams):
     # Beam sampling keeps #eos + 1 tokens in its warpers; plain sampling keeps 1.
     keeps = [len(p.eos_token_ids) + 1 if num_beams > 1 else 1 for p in params]
     expected = [
-        theirs_row(transformers_chain(tiny_model, p, n), h, row) for p, n, h, row in zip(params, prompt_lens, hist, logits)
+        theirs_row(transformers_chain(tiny_model, p, n), h, row)
+        for p, n, h, row in zip(params, prompt_lens, hist, logits)
     ]
     actual = [
-        ours.process_logits(logits[i : i + 1], [params[i]], [hist[i]], [generated[i]], keeps[i])[0]
-        for i in range(ROWS)
+        ours.process_logits(logits[i : i + 1], [params[i]], [hist[i]], [generated[i]], keeps[i])[0] for i in range(ROWS)
     ]
     assert_rows_equal(torch.stack(actual), expected)
     if num_beams == 1:  # and batched, with per-row params, for the sampler's path

@@ -24,7 +24,8 @@ def row(params: SamplingParams, generator=None, token_ids=(0,), num_generated=0)
 def test_top_k_1_sampling_equals_greedy():
     logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
     sampled = Sampler().sample(
-        logits, [row(SamplingParams(do_sample=True, top_k=1, temperature=1.7), make_generator(i, 0, "cpu")) for i in range(64)]
+        logits,
+        [row(SamplingParams(do_sample=True, top_k=1, temperature=1.7), make_generator(i, 0, "cpu")) for i in range(64)],
     )
     greedy = Sampler().sample(logits, [row(SamplingParams()) for _ in range(64)])
     assert [r.token_id for r in sampled] == [r.token_id for r in greedy] == logits.argmax(-1).tolist()
@@ -61,8 +62,10 @@ def test_seeded_row_is_independent_of_its_batch():
     def logits_fn(n, step):
         return (base + step * 0.01).expand(n, vocab).clone()
 
-    alone_gen = make_generator(1234, 0, "cpu")
-    alone = draw_steps(lambda s: ([row(params, alone_gen)], 0), 30, logits_fn)
+    def alone_with(generator):
+        return draw_steps(lambda step: ([row(params, generator)], 0), 30, logits_fn)
+
+    alone = alone_with(make_generator(1234, 0, "cpu"))
 
     mine_gen = make_generator(1234, 0, "cpu")
     others = [make_generator(99, k, "cpu") for k in range(3)]
@@ -80,8 +83,8 @@ def test_seeded_row_is_independent_of_its_batch():
 
     assert draw_steps(crowded, 30, logits_fn) == alone
     # And the stream really is the seed's: another seed, or another index, differs.
-    assert draw_steps(lambda s, g=make_generator(1235, 0, "cpu"): ([row(params, g)], 0), 30, logits_fn) != alone
-    assert draw_steps(lambda s, g=make_generator(1234, 1, "cpu"): ([row(params, g)], 0), 30, logits_fn) != alone
+    assert alone_with(make_generator(1235, 0, "cpu")) != alone
+    assert alone_with(make_generator(1234, 1, "cpu")) != alone
 
 
 # ---- the sampled distribution -----------------------------------------------------------------

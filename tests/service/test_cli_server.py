@@ -105,12 +105,13 @@ def test_startup_health_metrics_and_drain(tiny_llama, metrics_port):
             # The log names each request.
             server.wait_for_line(r"\[my-request-1\] done: length")
 
-            # SIGTERM while a stream runs (500 tokens: a few seconds): new calls are refused,
-            # the stream runs to its end, then the process exits cleanly.
+            # SIGTERM while a stream runs (500 tokens: a few seconds): health turns NOT_SERVING,
+            # new calls are refused, the stream runs to its end, then the process exits cleanly.
             stream = client.generate_stream("Hello", max_new_tokens=500, ignore_eos=True)
             chunks = [next(stream)]
             server.proc.send_signal(signal.SIGTERM)
-            server.wait_for_line(r"draining")
+            server.wait_for_line(r"draining: NOT_SERVING, 1 calls in flight")
+            assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(TextGenerationError) as caught:
                 client.generate("Hello", max_new_tokens=2)
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE

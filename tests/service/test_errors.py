@@ -114,6 +114,18 @@ def test_full_queue_is_resource_exhausted_at_once(tiny_llama):
         server.close()
 
 
+def test_request_id_in_use_is_refused_and_the_first_call_goes_on(tiny_server, client):
+    first = client.generate_stream(TEXT, max_new_tokens=300, ignore_eos=True, request_id="same-id")
+    chunks = [next(first)]
+    with pytest.raises(TextGenerationError) as caught:
+        client.generate(TEXT, max_new_tokens=2, request_id="same-id")
+    assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+    chunks += list(first)
+    assert sum(len(c.token_ids) for c in chunks) == 300 and chunks[-1].finish_reason == "length"
+    # Once it finished, the id is free again.
+    assert client.generate(TEXT, max_new_tokens=2, request_id="same-id").request_id == "same-id"
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
