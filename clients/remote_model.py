@@ -36,21 +36,32 @@ class RemoteGenerateOutput:
         return getattr(self, key)
 
 
+# Connection keywords: TLS and bearer token, as TextGenerationClient takes them.
+_SECURITY_KWARGS = ("tls", "tls_ca", "tls_cert", "tls_key", "token")
+
+
 class RemoteModelForCausalLM:
-    def __init__(self, target: str | None = None, *, timeout: float | None = None):
+    def __init__(self, target: str | None = None, *, timeout: float | None = None, **security):
+        """security: tls, tls_ca, tls_cert, tls_key, token (see TextGenerationClient)."""
+        unknown = set(security) - set(_SECURITY_KWARGS)
+        if unknown:
+            raise TypeError(f"unknown connection options: {', '.join(sorted(unknown))}")
         self.target = target or default_target()
         self.timeout = timeout
-        self._client = TextGenerationClient(self.target, timeout=timeout)
+        self._security = security
+        self._client = TextGenerationClient(self.target, timeout=timeout, **security)
 
     @classmethod
     def from_pretrained(cls, model_id=None, *, target: str | None = None, **load_options) -> RemoteModelForCausalLM:
         """Connect to the server at `target` (default: $TEXTGEN_TARGET or 127.0.0.1:50051), so that `from clients import
         RemoteModelForCausalLM as AutoModelForCausalLM` is the only change a script needs.
 
-        The server loaded its model with its own options; model_id and load_options
+        TLS and token keywords (tls_ca=..., token=...) are used for the connection. The
+        server loaded its model with its own options; model_id and the other load_options
         (use_fp8, dtype, ...) are accepted for that reason and not sent.
         """
-        return cls(target)
+        security = {k: load_options[k] for k in _SECURITY_KWARGS if k in load_options}
+        return cls(target, **security)
 
     @cached_property
     def model_info(self) -> ModelInfo:
@@ -64,7 +75,7 @@ class RemoteModelForCausalLM:
     async def agenerate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         batch = self._prepare(input_ids, attention_mask, generation_config, kwargs)
         # grpc.aio channels belong to one event loop: one per call keeps agenerate usable from any loop.
-        async with AsyncTextGenerationClient(self.target, timeout=self.timeout) as client:
+        async with AsyncTextGenerationClient(self.target, timeout=self.timeout, **self._security) as client:
             return batch.assemble(await client.generate_batch(batch.prompts, **batch.options))
 
     def _prepare(self, input_ids, attention_mask, generation_config, kwargs):

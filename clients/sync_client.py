@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 
 from clients import convert
-from clients.channel import CHANNEL_OPTIONS, default_target
+from clients.channel import ChannelSecurity, default_target
 from clients.errors import from_rpc_error
 from clients.results import GenerationResult, ModelInfo, StreamChunk, TokenizeResult
 from clients.textgen.v1 import model_info_pb2, text_generation_service_pb2_grpc
@@ -19,12 +19,28 @@ class TextGenerationClient:
     Generation keywords are GenerationConfig's (transformers') names: max_new_tokens,
     do_sample, temperature, top_k, top_p, seed, stop_sequences, num_return_sequences, ...
     Failed calls raise clients.TextGenerationError.
+
+    Security: tls_ca (the CAs of the server's certificate; PEM bytes or a path) turns TLS
+    on (tls=True alone uses the system's CAs); tls_cert + tls_key add a client certificate
+    for mutual TLS; token is sent as a bearer token (default: $TEXTGEN_AUTH_TOKEN).
     """
 
-    def __init__(self, target: str | None = None, *, timeout: float | None = None):
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = None,
+        tls: bool | None = None,
+        tls_ca=None,
+        tls_cert=None,
+        tls_key=None,
+        token: str | None = None,
+    ):
         self.target = target or default_target()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        security = ChannelSecurity.from_options(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+        self._metadata = security.metadata()
+        self._channel = security.channel(self.target)
         self._stub = text_generation_service_pb2_grpc.TextGenerationServiceStub(self._channel)
 
     def generate(self, prompt, *, timeout: float | None = None, **options) -> GenerationResult:
@@ -34,7 +50,9 @@ class TextGenerationClient:
     def generate_batch(self, prompts, *, timeout: float | None = None, **options) -> list[GenerationResult]:
         """One request per prompt, all sent at once so that the server batches them."""
         calls = [
-            self._stub.Generate.future(convert.generate_request(p, **options), timeout=timeout or self.timeout)
+            self._stub.Generate.future(
+                convert.generate_request(p, **options), timeout=timeout or self.timeout, metadata=self._metadata
+            )
             for p in prompts
         ]
         try:
@@ -47,7 +65,9 @@ class TextGenerationClient:
 
     def generate_stream(self, prompt, *, timeout: float | None = None, **options) -> Iterator[StreamChunk]:
         """Chunks as the server makes them; leaving the loop early cancels the request."""
-        call = self._stub.GenerateStream(convert.generate_request(prompt, **options), timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(
+            convert.generate_request(prompt, **options), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             for response in call:
                 yield convert.stream_chunk(response)
@@ -58,14 +78,18 @@ class TextGenerationClient:
 
     def tokenize(self, text: str, *, return_offsets: bool = False) -> TokenizeResult:
         try:
-            response = self._stub.Tokenize(convert.tokenize_request(text, return_offsets), timeout=self.timeout)
+            response = self._stub.Tokenize(
+                convert.tokenize_request(text, return_offsets), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return convert.tokenize_result(response)
 
     def model_info(self) -> ModelInfo:
         try:
-            response = self._stub.GetModelInfo(model_info_pb2.GetModelInfoRequest(), timeout=self.timeout)
+            response = self._stub.GetModelInfo(
+                model_info_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return convert.model_info(response)

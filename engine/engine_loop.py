@@ -85,12 +85,26 @@ class EngineLoop:
             raise ContextLengthError(
                 field, f"the prompt has {len(ids)} tokens; the context holds {self.engine.max_model_len}"
             )
+        params = request.params
+        # A request's sequences (beams, samples) all run in the same step: more than a
+        # step holds could never be scheduled, and would wait forever.
+        limit = self.engine.config.max_num_seqs
+        if params.num_sequences > limit:
+            name = "num_beams" if params.use_beam_search else "num_return_sequences"
+            raise InvalidParameterError(
+                name, f"{params.num_sequences} sequences; this server runs at most {limit} per step (max_num_seqs)"
+            )
+        # The most KV blocks the request can hold at once: its sequences share the prompt's
+        # full blocks, and each owns a copy of the prompt's partial last block plus its new tokens.
         pool = self.engine.block_manager
-        needed = pool.blocks_needed(len(ids) + request.params.max_new_tokens)
+        shared = len(ids) // pool.block_size
+        own = pool.blocks_needed(len(ids) % pool.block_size + params.max_new_tokens)
+        needed = shared + params.num_sequences * own
         if needed > pool.num_blocks:
             raise ContextLengthError(
                 "max_new_tokens",
-                f"prompt plus max_new_tokens needs {needed} KV blocks; the pool has {pool.num_blocks}",
+                f"prompt plus max_new_tokens ({params.num_sequences} sequences) needs {needed} KV blocks; "
+                f"the pool has {pool.num_blocks}",
             )
 
     def abort(self, request_id: str) -> None:
@@ -139,7 +153,10 @@ class EngineLoop:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
-                self.busy = True
+                if not self.busy:
+                    # Work after idling: the watchdog's clock starts now, not at the last step.
+                    self.last_progress = time.monotonic()
+                    self.busy = True
                 self.engine.step()
                 self.last_progress = time.monotonic()
         except Exception as exc:  # a bug in engine state: nothing can be trusted any more

@@ -57,20 +57,6 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def num_kv_blocks(runtime: TorchRuntime, config: EngineConfig, max_model_len: int) -> int:
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_block = runtime.kv_cache_bytes_per_block(config.block_size)
-    if runtime.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(runtime.device)
-        budget = int(free * config.kv_cache_memory_fraction)
-    else:
-        budget = config.kv_cache_bytes
-    # Never more than every sequence slot at full context could use.
-    ceiling = config.max_num_seqs * -(-max_model_len // config.block_size)
-    return max(1, min(budget // per_block, ceiling))
-
-
 def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gguf_file=None, **options) -> LoadedModel:
     config, unknown = EngineConfig.from_options(**options)
     if unknown:
@@ -85,7 +71,7 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
     tokenizer = TextTokenizer.from_folder(folder)
 
     max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-    blocks = num_kv_blocks(runtime, config, max_model_len)
+    blocks = runtime.num_kv_blocks(config, max_model_len)
     runtime.init_kv_cache(blocks, config.block_size)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, config.block_size,
                 blocks * runtime.kv_cache_bytes_per_block(config.block_size) / 2**20)

@@ -160,6 +160,7 @@ def convert(gguf_path: Path, dest: Path) -> None:
         generation = {k: v for k, v in special.items() if k != "unk_token_id"}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as ~/.cache
         try:
             os.rename(tmp, dest)  # atomic: readers see no folder or a complete one
         except OSError:

@@ -62,6 +62,8 @@ def generation_overrides(config: generation_config_pb2.GenerationConfig) -> dict
     """The fields a client set, by transformers' names; unset ones keep the model's defaults."""
     overrides = {name: getattr(config, name) for name in _SCALAR_FIELDS if config.HasField(name)}
     if config.early_stopping != generation_config_pb2.EARLY_STOPPING_UNSPECIFIED:
+        if config.early_stopping not in _EARLY_STOPPING_FROM_PB:  # proto3 enums are open: any int32 arrives
+            raise InvalidParameterError("early_stopping", f"unknown value {config.early_stopping}")
         overrides["early_stopping"] = _EARLY_STOPPING_FROM_PB[config.early_stopping]
     if config.stop_sequences:
         overrides["stop_strings"] = tuple(config.stop_sequences)

@@ -41,6 +41,11 @@ class ServiceMetrics:
             "textgen_request_duration_seconds", "From request arrival to its last output",
             ["model"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.queue_time = Histogram(
+            "textgen_request_queue_time_seconds", "From request arrival in the engine to its first schedule",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._http = None  # (server, thread) of the /metrics endpoint once served
 
     def count_error(self, code: str) -> None:
         self.errors.labels(self.model, code).inc()
@@ -52,7 +57,15 @@ class ServiceMetrics:
         self.registry.register(_EngineCollector(engine, lambda: self.model))
 
     def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop_serving(self) -> None:
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._http = None
 
 
 class RequestTimer:
@@ -62,10 +75,14 @@ class RequestTimer:
         self._metrics = metrics
         self._start = time.monotonic()
         self._last_token: float | None = None
+        self._queued = False
 
     def observe(self, output) -> None:
         """`output` is one RequestOutput of the request."""
         m, now = self._metrics, time.monotonic()
+        if not self._queued and output.queue_time_s is not None:
+            self._queued = True
+            m.queue_time.labels(m.model).observe(output.queue_time_s)
         if any(seq.token_ids for seq in output.sequences):
             if self._last_token is None:
                 m.ttft.labels(m.model).observe(now - self._start)

@@ -33,7 +33,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve a causal LM over gRPC.")
+    # No abbreviations: `--auth-token SECRET` must fail, not pass as --auth-token-file.
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="Serve a causal LM over gRPC.", allow_abbrev=False
+    )
     parser.add_argument("--model", default="default", help='a checkpoint folder, a GGUF file, or "default"')
     # Loopback by default: exposing the model is a deliberate choice (--host 0.0.0.0).
     parser.add_argument("--host", default="127.0.0.1")
@@ -49,8 +52,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight requests may run before they are cancelled",
     )
     parser.add_argument("--log-level", default="INFO")
+    security = parser.add_argument_group(
+        "security",
+        "TLS and bearer tokens. Tokens are read from --auth-token-file and/or $TEXTGEN_AUTH_TOKENS "
+        "(comma-separated), never from the command line; with neither, calls need no token.",
+    )
+    security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
+    security.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by these CAs"
+    )
+    security.add_argument("--auth-token-file", metavar="FILE", help="accepted bearer tokens, one per line")
+    security.add_argument(
+        "--auth-health", action="store_true", help="health checks need a token too (by default they are open)"
+    )
     _add_engine_flags(parser)
     return parser
+
+
+def check_security_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_security_options(parser, args)
+    return args
 
 
 def engine_options(args: argparse.Namespace) -> dict:

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 class RequestRun:
     def __init__(self, engine, metrics, request, context, in_flight: dict[str, RequestRun]):
-        if not request.HasField("request_id"):
+        if not request.request_id:  # unset or empty: "" would name no engine request to abort
             # Written back so that error logs (service/errors.py) name the request too.
             request.request_id = f"req-{uuid.uuid4().hex[:16]}"
         self.request_id = request.request_id
@@ -32,6 +32,8 @@ class RequestRun:
         self._metrics = metrics
         self._timer = metrics.request_timer()
         self._finished = False
+        self._cancelled = False  # the RPC was cancelled (client cancel, disconnect, deadline)
+        self._failed = False  # the engine raised (bad request, full queue, failed step)
         # The server's registry of running requests, which a drain waits on.
         self._in_flight = in_flight
         in_flight[self.request_id] = self
@@ -43,10 +45,15 @@ class RequestRun:
         )  # fmt: skip
 
     async def __aiter__(self):
-        """The engine's RequestOutputs, one per step, the last with finished=True."""
+        """The engine's RequestOutputs, one per step, the last with finished=True.
+
+        The engine raises for a bad request and for a failed step (RequestFailedError).
+        gRPC cancels this handler when the client cancels, disconnects or passes its deadline.
+        """
         try:
-            # The engine raises for a bad request and for a failed step (RequestFailedError).
             async for output in self._engine.generate(self.request):
+                if self._cancelled:
+                    return  # the abort's last output: nobody listens, and it counts as CANCELLED
                 self._timer.observe(output)
                 if output.finished:
                     self._finished = True
@@ -54,10 +61,17 @@ class RequestRun:
                     self._log_done(output)
                 yield output
         except asyncio.CancelledError:
-            # gRPC cancels the handler when the client cancels, disconnects or passes its deadline.
+            self._count_cancelled()
+            raise
+        except Exception:
+            self._failed = True  # map_errors logs and counts it under its status code
+            raise
+
+    def _count_cancelled(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
             logger.info("[%s] cancelled: the client went away or its deadline passed", self.request_id)
             self._metrics.count_error("CANCELLED")
-            raise
 
     def _log_done(self, output) -> None:
         reasons = ",".join(s.finish_reason.value for s in output.sequences if s.finish_reason)
@@ -75,6 +89,10 @@ class RequestRun:
         self._release()
         # Closing the engine's iterator has already aborted an unfinished request; this is
         # the second guard. abort is idempotent, and skipped for a finished request so that
-        # a client reusing its request_id at once is never hit by a late abort.
+        # a client reusing its request_id at once is never hit by a late abort. A call that
+        # ended with neither its last output nor an error was cancelled, even if gRPC ends
+        # it before the handler sees a CancelledError.
         if not self._finished:
+            if not self._failed:
+                self._count_cancelled()
             self._engine.abort(self.request_id)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from clients.textgen.v1 import text_generation_service_pb2, text_generation_service_pb2_grpc
 from engine.async_engine import AsyncEngine
 from engine.params import GenerationRequest
+from service.auth import AuthConfigError, BearerTokenInterceptor, load_tokens
 from service.metrics import ServiceMetrics
-from service.options import build_parser, engine_options
+from service.options import engine_options, parse_args
 from service.servicer import TextGenerationServicer
 
 logger = logging.getLogger("service")
@@ -65,7 +67,21 @@ class TextGenServer:
         self._health_task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        """Open the port (TLS and token checks as configured), health NOT_SERVING.
+
+        Raises AuthConfigError, or OSError for an unreadable TLS file, before any port opens."""
+        credentials = server_credentials(self.options)
+        tokens = load_tokens(self.options.auth_token_file)
+        interceptors = []
+        if tokens:
+            interceptors.append(
+                BearerTokenInterceptor(
+                    tokens,
+                    protect_health=self.options.auth_health,
+                    on_denied=lambda: self.metrics.count_error("UNAUTHENTICATED"),
+                )
+            )
+        self._server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         await self._set_health(NOT_SERVING)
         text_generation_service_pb2_grpc.add_TextGenerationServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -74,12 +90,20 @@ class TextGenServer:
             self._server,
         )
         address = f"{self.options.host}:{self.options.port}"
-        self.port = self._server.add_insecure_port(address)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
         if self.options.metrics_port is not None:
             self.metrics.serve(self.options.host, self.options.metrics_port)
             logger.info("metrics on http://%s:%d/metrics", self.options.host, self.options.metrics_port)
-        logger.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.options.host, self.port)
+        security = "mutual TLS" if self.options.tls_client_ca else "TLS" if credentials else "plaintext"
+        logger.info(
+            "listening on %s:%d (%s, %s; NOT_SERVING until the model is loaded)",
+            self.options.host, self.port, security,
+            f"{len(tokens)} bearer token(s)" if tokens else "no token check",
+        )  # fmt: skip
         return self.port
 
     async def load(self) -> None:
@@ -152,14 +176,34 @@ class TextGenServer:
             logger.warning("drain grace over: cancelling %d calls (%s)", len(calls), ", ".join(sorted(calls)))
         # Cancels what is left; a short grace lets finished calls flush their last messages.
         await self._server.stop(max(0.0, deadline - time.monotonic()) or 0.1)
+        self.metrics.stop_serving()
         if self._owns_engine and self.engine is not None:
             await self.engine.shutdown()
         logger.info("stopped")
 
 
+def server_credentials(options) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (+ --tls-client-ca: client certificates required)."""
+    if not options.tls_cert and not options.tls_key:
+        if options.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (options.tls_cert and options.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    key, chain = Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes()
+    client_ca = Path(options.tls_client_ca).read_bytes() if options.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 async def serve(options) -> int:
     server = TextGenServer(options)
-    await server.start()
+    try:
+        await server.start()
+    except (AuthConfigError, OSError, ValueError) as error:
+        logger.error("cannot start: %s", error)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,7 +222,7 @@ async def serve(options) -> int:
 
 
 def main(argv=None) -> None:
-    options = build_parser().parse_args(argv)
+    options = parse_args(argv)
     logging.basicConfig(
         level=options.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

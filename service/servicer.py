@@ -29,15 +29,22 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             raise ServiceUnavailableError("the model is still loading; retry when health says SERVING")
         return self.engine
 
+    def _generating_engine(self):
+        engine = self._engine()
+        # A stuck step loop (the watchdog) would leave a new request waiting until its deadline.
+        if not engine.is_healthy:
+            raise ServiceUnavailableError("the engine is not healthy (its step loop is stuck or stopped); retry later")
+        return engine
+
     @map_errors
     async def Generate(self, request, context):
-        run = RequestRun(self._engine(), self.metrics, request, context, self.in_flight)
+        run = RequestRun(self._generating_engine(), self.metrics, request, context, self.in_flight)
         outputs = [output async for output in run]
         return convert.generate_response_to_pb(run.request, outputs, request.return_prompt_token_ids)
 
     @map_errors
     async def GenerateStream(self, request, context):
-        run = RequestRun(self._engine(), self.metrics, request, context, self.in_flight)
+        run = RequestRun(self._generating_engine(), self.metrics, request, context, self.in_flight)
         started: set[int] = set()
         async for output in run:
             for delta in output.sequences:

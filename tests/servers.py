@@ -21,11 +21,14 @@ import pytest
 class BackgroundServer:
     """TextGenServer on 127.0.0.1:<free port>, served by an event loop in a daemon thread."""
 
-    def __init__(self, engine, *args: str):
+    def __init__(self, engine, *args: str, shares_engine: bool = False):
+        """args: `python -m service` flags. shares_engine: the engine serves other servers too,
+        so close() leaves it running."""
         from service.options import build_parser
         from service.server import TextGenServer
 
         self.engine = engine
+        self._shares_engine = shares_engine
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
         self._thread.start()
@@ -60,7 +63,8 @@ class BackgroundServer:
 
     def close(self) -> None:
         self.run(self.server.drain())
-        self.run(self.engine.shutdown())
+        if not self._shares_engine:
+            self.run(self.engine.shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.models.llama import LlamaModel, MissingWeightError
+from engine.models.llama import LlamaModel
+from engine.models.weights import MissingWeightError
 from engine.runtime.base import ModelSpec
 
 # llama, mistral and qwen2 differ only in config (biases, sliding window, tying), which

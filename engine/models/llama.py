@@ -9,15 +9,18 @@ decoding agrees with it token for token.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.models.rope import RopeTable, interleave_rope_rows
+from engine.models.weights import WeightReader
 from engine.runtime.attention import AttentionMetadata, paged_attention
 from engine.runtime.base import ModelSpec
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerWeights:
@@ -31,29 +34,6 @@ class LayerWeights:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
-
-
-class MissingWeightError(KeyError):
-    """A parameter the spec needs is absent from the checkpoint."""
-
-
-def _fuse(weights: dict, names: list[str], required: bool, dtype, device) -> torch.Tensor | None:
-    present = [n in weights for n in names]
-    if not any(present) and not required:
-        return None
-    missing = [n for n, p in zip(names, present) if not p]
-    if missing:
-        raise MissingWeightError(f"checkpoint lacks {', '.join(missing)}")
-    # One concatenated matrix means one GEMM per layer instead of three (or two).
-    return torch.cat([weights[n].to(dtype) for n in names]).to(device).contiguous()
-
-
-def _get(weights: dict, name: str, dtype, device, required: bool = True) -> torch.Tensor | None:
-    if name not in weights:
-        if required:
-            raise MissingWeightError(f"checkpoint lacks {name}")
-        return None
-    return weights[name].to(dtype=dtype, device=device).contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,40 +54,46 @@ class LlamaModel:
         self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.scale = spec.head_dim**-0.5
         self.eps = spec.rms_norm_eps
-        self.embed = _get(weights, "model.embed_tokens.weight", dtype, device)
-        self.norm = _get(weights, "model.norm.weight", dtype, device)
-        head = None if spec.tie_word_embeddings else _get(weights, "lm_head.weight", dtype, device, required=False)
-        # Some tied checkpoints still store lm_head.weight; tie when it is absent either way.
-        self.lm_head = self.embed if head is None else head
-        self.layers = [self._layer(weights, i, dtype, device) for i in range(spec.num_hidden_layers)]
+        w = WeightReader(weights, dtype, device)
+        # The embedding is looked up by rows, so it keeps the checkpoint's layout; the
+        # lm_head gets the matmul layout, a second copy when the two are tied.
+        (embed,) = w.get(["model.embed_tokens.weight"])
+        self.embed = embed.to(device).contiguous()
+        self.norm = w.vector(["model.norm.weight"])
+        head = None if spec.tie_word_embeddings else w.get(["lm_head.weight"], required=False)
+        if head is None and not spec.tie_word_embeddings:
+            # Seen in checkpoints saved from tied models: better tied than random.
+            logger.warning("config says untied embeddings but there is no lm_head.weight; tying them")
+        self.lm_head = w.matrix(head or [embed])
+        self.layers = [self._layer(w, i) for i in range(spec.num_hidden_layers)]
         self.rope = RopeTable(spec, spec.max_position_embeddings, dtype, device)
 
-    def _layer(self, w: dict, i: int, dtype, device) -> LayerWeights:
+    def _layer(self, w: WeightReader, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        qkv = [attn + f"{n}_proj" for n in "qkv"]
-        gate_up = [mlp + "gate_proj", mlp + "up_proj"]
+        qkv = [f"{p}self_attn.{n}_proj" for n in "qkv"]
+        gate_up = [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"]
         return LayerWeights(
-            input_norm=_get(w, p + "input_layernorm.weight", dtype, device),
-            qkv=self._fuse_qkv(_fuse(w, [n + ".weight" for n in qkv], True, dtype, device)),
-            qkv_bias=self._fuse_qkv(_fuse(w, [n + ".bias" for n in qkv], self.spec.attention_bias, dtype, device)),
+            input_norm=w.vector([p + "input_layernorm.weight"]),
+            qkv=w.matrix(self._interleave_qk(w.get([n + ".weight" for n in qkv]))),
+            qkv_bias=self._qkv_bias(w, [n + ".bias" for n in qkv]),
+            o=w.matrix(w.get([p + "self_attn.o_proj.weight"])),
             # qwen2 has q/k/v biases but none on o_proj, so o_proj's bias is optional.
-            o=_get(w, attn + "o_proj.weight", dtype, device),
-            o_bias=_get(w, attn + "o_proj.bias", dtype, device, required=False),
-            post_norm=_get(w, p + "post_attention_layernorm.weight", dtype, device),
-            gate_up=_fuse(w, [n + ".weight" for n in gate_up], True, dtype, device),
-            gate_up_bias=_fuse(w, [n + ".bias" for n in gate_up], self.spec.mlp_bias, dtype, device),
-            down=_get(w, mlp + "down_proj.weight", dtype, device),
-            down_bias=_get(w, mlp + "down_proj.bias", dtype, device, required=self.spec.mlp_bias),
+            o_bias=w.vector([p + "self_attn.o_proj.bias"], required=False),
+            post_norm=w.vector([p + "post_attention_layernorm.weight"]),
+            gate_up=w.matrix(w.get([n + ".weight" for n in gate_up])),
+            gate_up_bias=w.vector([n + ".bias" for n in gate_up], required=self.spec.mlp_bias),
+            down=w.matrix(w.get([p + "mlp.down_proj.weight"])),
+            down_bias=w.vector([p + "mlp.down_proj.bias"], required=self.spec.mlp_bias),
         )
 
-    def _fuse_qkv(self, fused: torch.Tensor | None) -> torch.Tensor | None:
-        """Interleave the q and k rows of a fused qkv weight or bias for the rope layout."""
-        if fused is None:
-            return None
-        d = self.head_dim
-        q, k, v = fused.split([self.heads * d, self.kv_heads * d, self.kv_heads * d])
-        return torch.cat([interleave_rope_rows(q, self.heads), interleave_rope_rows(k, self.kv_heads), v])
+    def _interleave_qk(self, qkv: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reorder q and k output rows (weights or biases) for the interleaved rope layout."""
+        q, k, v = qkv
+        return [interleave_rope_rows(q, self.heads), interleave_rope_rows(k, self.kv_heads), v]
+
+    def _qkv_bias(self, w: WeightReader, names: list[str]) -> torch.Tensor | None:
+        parts = w.get(names, required=self.spec.attention_bias)
+        return None if parts is None else torch.cat(self._interleave_qk(parts)).to(w.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:

@@ -44,6 +44,14 @@ from engine.sampling.sampler import make_generator
 _NEG = -1.0e9
 
 
+def _length_norm(length: int, length_penalty: float) -> float:
+    """length ** length_penalty, as transformers computes it; inf where that overflows."""
+    try:
+        return length**length_penalty
+    except OverflowError:  # only for length > 1 and a huge positive penalty
+        return float("inf")
+
+
 @dataclass(frozen=True)
 class BeamStep:
     parents: list[int]  # for each new running beam k, the index (in live_beams) of the beam it extends
@@ -171,7 +179,7 @@ class BeamSearch:
         # Only the first B candidates may become hypotheses; the rest only back up the running beams.
         just_finished = hit_mask.clone()
         just_finished[num_beams:] = False
-        scores = values / ((self._num_generated + 1) ** p.length_penalty)
+        scores = values / _length_norm(self._num_generated + 1, p.length_penalty)
         # transformers also sinks these scores when the batch item is already complete
         # (early_stopping True and B finished, or no improvement possible). For a single
         # request either condition has ended the search before this step, so never here.
@@ -196,19 +204,29 @@ class BeamSearch:
             best_length = self._max_new
         else:
             best_length = self._num_generated
-        best_possible = self._running_scores[:1] / (best_length**p.length_penalty)
+        best_possible = self._running_scores[:1] / _length_norm(best_length, p.length_penalty)
         worst = torch.where(
             torch.tensor(self._is_finished), self._finished_scores.min(), torch.tensor(_NEG, dtype=torch.float32)
         )
         self._improvable = self._improvable and bool((best_possible > worst).any())
 
     def finalize(self) -> list[BeamHypothesis]:
-        """The num_return_sequences best finished hypotheses, best first (transformers' order)."""
+        """The num_return_sequences best finished hypotheses, best first (transformers' order).
+
+        An extreme length_penalty can sink every finished score below the -1e9 stand-in,
+        so that nothing counts as finished; the best running beams then fill the answer,
+        which always holds num_return_sequences sequences."""
         if not self._done:
             raise RuntimeError("beam search has not finished")
         top = range(self.params.num_return_sequences)
-        return [
+        found = [
             BeamHypothesis(list(self._finished[i]), float(self._finished_scores[i]))
             for i in top
             if self._is_finished[i]
         ]
+        missing = self.params.num_return_sequences - len(found)
+        found += [
+            BeamHypothesis(list(beam), float(score))
+            for beam, score in zip(self._running[:missing], self._running_scores[:missing].tolist())
+        ]
+        return found

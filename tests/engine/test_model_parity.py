@@ -6,8 +6,9 @@ several non-contiguous blocks, and compares every logits row we produce with
 transformers' logits for the same position of the full sequence.
 
 Tolerance: fp32 keeps ~7 significant digits; our kernels differ from transformers' only
-in summation order (fused q/k/v and gate/up GEMMs, the fused RMSNorm reduction,
-grouped-query SDPA), which moves logits of magnitude 1-10 by ~1e-6. atol 1e-4 leaves
+in summation order (fused q/k/v and gate/up projections, batch-1 matrix-vector kernels
+against transformers' whole-sequence GEMMs, the RMSNorm reduction, grouped-query SDPA),
+which moves these tiny models' logits (magnitude 1-10) by ~3e-6. atol 1e-4 leaves
 room for that while any real error (rope convention, a mask off by one, a wrong KV
 slot or head mapping) moves logits by 1e-2 or more.
 """
@@ -57,7 +58,7 @@ class Recorder:
             self.rows[(id(seq), seq.fed - 1)] = row
             seq.tokens.append(int(row.argmax()))
 
-    def check(self, ref_model, seqs):
+    def check(self, ref_model, seqs, atol=ATOL):
         compared = 0
         for seq in seqs:
             with torch.no_grad():
@@ -66,7 +67,7 @@ class Recorder:
             for (key, pos), ours in self.rows.items():
                 if key != id(seq):
                     continue
-                torch.testing.assert_close(ours, ref[pos], atol=ATOL, rtol=0)
+                torch.testing.assert_close(ours, ref[pos], atol=atol, rtol=0)
                 # Greedy decoding agrees token for token.
                 assert int(ours.argmax()) == int(ref[pos].argmax())
                 compared += 1
@@ -228,6 +229,13 @@ def test_rope_rotation_equals_transformers(dtype, tiny_checkpoints):
 # --- the default model, converted from its GGUF ---------------------------------------
 
 
+# 30 layers of fp32 in a different summation order (our batch-1 GEMVs against
+# transformers' whole-sequence GEMMs) drift further than the tiny models: on these logits
+# (magnitude ~30) ours sit ~1.2e-4 from a float64 run of transformers, transformers' own
+# fp32 run ~7e-5. Real errors move logits by 1e-2 and more.
+DEFAULT_MODEL_ATOL = 5e-4
+
+
 def test_default_model_matches_transformers(default_model_folder):
     runtime, pager, rec = make_runtime(default_model_folder, num_blocks=32), Pager(32, BLOCK_SIZE), Recorder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(default_model_folder))
@@ -235,9 +243,9 @@ def test_default_model_matches_transformers(default_model_folder):
     seq = Seq(list(ids))
     step(runtime, pager, [], [(seq, 9)])
     rec.take([seq], step(runtime, pager, [], [(seq, len(ids) - 9)]))
-    for _ in range(4):
+    for _ in range(8):
         rec.take([seq], step(runtime, pager, [seq], []))
-    assert rec.check(reference(default_model_folder), [seq]) == 5
+    assert rec.check(reference(default_model_folder), [seq], atol=DEFAULT_MODEL_ATOL) == 9
 
 
 def test_converted_tensors_equal_transformers_gguf_loader(default_model_folder):

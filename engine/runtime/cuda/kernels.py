@@ -1,0 +1,385 @@
+"""Triton kernels of the CUDA runtime.
+
+* `gemv`: y = x @ W.T for a few rows (decode at batch <= GEMV_MAX_ROWS), bandwidth-bound,
+  with optional fusions: RMSNorm of the input, SiLU(gate) * up of the input, a bias,
+  a residual add of the output, and FP8 (e4m3) weights with per-row scales.
+* `rms_norm`, `silu_mul`: the same fused prologues, stand-alone for the cuBLAS path.
+* `rope_and_cache`: rotary embedding of q and k in place plus the K/V write into the paged
+  cache, one launch per layer.
+* `paged_decode_attention`: one query token per sequence against its K/V blocks read in
+  place from the paged cache; GQA-aware (the query heads of a KV head share each K/V
+  tile); optionally split over the context (flash-decoding) with a combine kernel.
+
+Numerics follow the torch path (transformers' order of bf16 roundings): RMSNorm in
+float32, rounded, then times the weight and rounded; rope products and sums rounded one
+by one; SiLU rounded before the multiply by `up`; residual adds after the rounding of
+the projection. Accumulation is float32 everywhere.
+
+Under TRITON_INTERPRET=1 (CPU tests) bf16 `tl.dot` is not emulated correctly, so dots
+then run on float32 operands.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Decode batches up to this many rows go through `gemv`; more through cuBLAS.
+GEMV_MAX_ROWS = 4
+_TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------
+# GEMV
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
+                 M, N, stride_x, stride_out, stride_res, eps,
+                 K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, BIAS: tl.constexpr,
+                 FP8: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rm = tl.arange(0, M_PAD)
+    m_mask = rm < M
+    rk = tl.arange(0, BLOCK_K)
+    dt = out_ptr.dtype.element_ty
+    x_rows = x_ptr + rm[:, None] * stride_x
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    if NORM:
+        ss = tl.zeros([M_PAD], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xv * xv, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        if ACT:  # x holds [gate | up], each K wide: SiLU(gate) * up, rounded as torch does
+            g = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            xv = (s * u).to(dt).to(tl.float32)
+        else:
+            xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        if NORM:
+            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            xv = (xv * rstd[:, None]).to(dt).to(tl.float32)
+            xv = (xv * nw[None, :]).to(dt).to(tl.float32)
+        acc += xv[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
+    if FP8:
+        y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    if BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y.to(dt)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if RES:
+        r = tl.load(res_ptr + rm[:, None] * stride_res + rn[None, :], mask=o_mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+    tl.store(out_ptr + rm[:, None] * stride_out + rn[None, :], y, mask=o_mask)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) per weight byte width; tuned on the H100 (bench/gpu_bench.py
+# --sweep prints the sweep). Overridable for experiments.
+GEMV_CONFIG = {2: (8, 512, 4), 1: (16, 512, 4)}
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+         eps: float = 1e-6, act: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """y = f(x) @ w.T (+ bias) (+ residual) for x [M <= GEMV_MAX_ROWS, K or 2K].
+
+    w: [N, K] in the activation dtype, or float8_e4m3fn with `scale` [N] float32 per row.
+    norm: RMSNorm weight applied to x first; act: x is [gate | up] and f is SiLU(gate) * up.
+    residual: added after rounding (out may be the residual itself)."""
+    M = x.shape[0]
+    N, K = w.shape
+    assert x.stride(-1) == 1 and w.is_contiguous()
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config or GEMV_CONFIG[1 if fp8 else 2]
+    block_k = min(block_k, _next_pow2(K))
+    dummy = out
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, w, out, residual if residual is not None else dummy, norm if norm is not None else dummy,
+        bias if bias is not None else dummy, scale if scale is not None else dummy,
+        M, N, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        K=K, M_PAD=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k,
+        NORM=norm is not None, ACT=act, RES=residual is not None, BIAS=bias is not None, FP8=fp8,
+        num_warps=warps,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm, SiLU * up
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, eps, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BLOCK)
+    mask = k < K
+    dt = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+    w = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    y = ((x * rstd).to(dt).to(tl.float32) * w).to(dt)
+    tl.store(out_ptr + row * stride_out + k, y, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rows, K = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if rows:
+        block = _next_pow2(K)
+        _rms_norm_kernel[(rows,)](x, weight, out, x.stride(0), out.stride(0), eps, K=K, BLOCK=block,
+                                  num_warps=8 if block >= 4096 else 4)
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < K
+    dt = out_ptr.dtype.element_ty
+    g = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + K + k, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + k, (s * u).to(dt), mask=mask)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, 2K] = [gate | up] -> SiLU(gate) * up [rows, K]."""
+    rows, K2 = x.shape
+    K = K2 // 2
+    out = torch.empty(rows, K, dtype=x.dtype, device=x.device)
+    if rows:
+        block = 1024
+        _silu_mul_kernel[(rows, triton.cdiv(K, block))](x, out, x.stride(0), out.stride(0), K=K, BLOCK=block)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary embedding + KV cache write
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, table_ptr, cache_ptr, stride_qkv, num_positions,
+                       H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HEADS_PAD: tl.constexpr,
+                       KVH_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t)
+    dt = qkv_ptr.dtype.element_ty
+    i = tl.arange(0, HALF)
+    cos = tl.load(table_ptr + pos * HALF + i).to(tl.float32)[None, :]
+    sin = tl.load(table_ptr + num_positions * HALF + pos * HALF + i).to(tl.float32)[None, :]
+    hh = tl.arange(0, HEADS_PAD)
+    h_mask = (hh < H + KVH)[:, None]
+    row = qkv_ptr + t * stride_qkv
+    # Interleaved layout: rotate-half partners (a, b) sit at 2i and 2i + 1.
+    a_ptr = row + hh[:, None] * D + 2 * i[None, :]
+    a = tl.load(a_ptr, mask=h_mask, other=0.0).to(tl.float32)
+    b = tl.load(a_ptr + 1, mask=h_mask, other=0.0).to(tl.float32)
+    ac = (a * cos).to(dt).to(tl.float32)
+    bs = (b * sin).to(dt).to(tl.float32)
+    bc = (b * cos).to(dt).to(tl.float32)
+    as_ = (a * sin).to(dt).to(tl.float32)
+    a2 = (ac - bs).to(dt)
+    b2 = (bc + as_).to(dt)
+    tl.store(a_ptr, a2, mask=h_mask)
+    tl.store(a_ptr + 1, b2, mask=h_mask)
+    if slot >= 0:
+        cache_row = cache_ptr + slot * (2 * KVH * D)
+        k_mask = h_mask & (hh >= H)[:, None]
+        k_ptr = cache_row + (hh - H)[:, None] * D + 2 * i[None, :]
+        tl.store(k_ptr, a2, mask=k_mask)
+        tl.store(k_ptr + 1, b2, mask=k_mask)
+        j = tl.arange(0, KVH_PAD)
+        d = tl.arange(0, D)
+        v_mask = (j < KVH)[:, None]
+        v = tl.load(row + (H + KVH + j)[:, None] * D + d[None, :], mask=v_mask, other=0.0)
+        tl.store(cache_row + (KVH + j)[:, None] * D + d[None, :], v, mask=v_mask)
+
+
+def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
+                   cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> None:
+    """qkv [T, (heads + 2 kv_heads) * head_dim]: rotate q and k in place (interleaved
+    rope layout), then write k and v of token t into cache slot slots[t] (skipped when < 0).
+
+    table: [2, P, head_dim / 2] cos | sin in the model dtype. cache: one layer's
+    [blocks, block_size, 2 * kv_heads, head_dim], keys first."""
+    T = qkv.shape[0]
+    if T == 0:
+        return
+    _rope_cache_kernel[(T,)](qkv, positions, slots, table, cache, qkv.stride(0), table.shape[1],
+                             H=heads, KVH=kv_heads, D=head_dim, HEADS_PAD=_next_pow2(heads + kv_heads),
+                             KVH_PAD=_next_pow2(kv_heads), num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Paged decode attention
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+                         stride_q, stride_out, stride_table, stride_block, qk_scale, window,
+                         KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         F32_DOT: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    H: tl.constexpr = KVH * GROUP
+    dt = cache_ptr.dtype.element_ty
+    # A [1] block summed to a scalar: the interpreter (CPU tests) turns scalar loads into [1] arrays.
+    ctx = tl.sum(tl.load(ctx_ptr + seq + tl.arange(0, 1)).to(tl.int32), axis=0)
+    first = 0
+    if window > 0:
+        first = tl.maximum(ctx - window, 0)
+    first_tile = first // TILE
+    num_tiles = tl.cdiv(ctx, TILE) - first_tile
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    t_begin = first_tile + split * per_split
+    t_end = tl.minimum(t_begin + per_split, first_tile + num_tiles)
+
+    g = tl.arange(0, GROUP_PAD)
+    g_mask = g < GROUP
+    d = tl.arange(0, D)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + seq * stride_q + heads[:, None] * D + d[None, :], mask=g_mask[:, None], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+    table_row = tables_ptr + seq * stride_table
+    TOKEN_STRIDE: tl.constexpr = 2 * KVH * D
+    for tile in range(t_begin, t_end):
+        tok = tile * TILE + tl.arange(0, TILE)
+        valid = (tok < ctx) & (tok >= first)
+        block = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        base = cache_ptr + block * stride_block + (tok % BLOCK_SIZE) * TOKEN_STRIDE + kvh * D
+        k = tl.load(base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(base[:, None] + KVH * D + d[None, :], mask=valid[:, None], other=0.0)
+        if F32_DOT:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if F32_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(dt), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_out + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=g_mask[:, None])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        idx = (seq * H + heads) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + idx[:, None] * D + d[None, :], o, mask=g_mask[:, None])
+        tl.store(mid_lse_ptr + idx, lse, mask=g_mask)
+
+
+@triton.jit
+def _combine_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    base = (seq * H + h) * NUM_SPLITS
+    lse = tl.load(mid_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx)
+    o = tl.load(mid_o_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    total = tl.where(total > 0, total, 1.0)
+    res = tl.sum(w[:, None] * o, axis=0) / total
+    tl.store(out_ptr + seq * stride_out + h * D + d, res.to(out_ptr.dtype.element_ty))
+
+
+LOG2E = 1.4426950408889634
+ATTN_TILE = 64
+MAX_SPLITS = 16
+
+
+def decode_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Context splits so that batch * kv_heads * splits programs fill the GPU about twice,
+    never more than the context has tiles."""
+    programs = batch * kv_heads
+    want = -(-2 * num_sms // programs)
+    return max(1, min(MAX_SPLITS, want, -(-max_context // ATTN_TILE)))
+
+
+def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
+                           heads: int, kv_heads: int, head_dim: int, scale: float, splits: int = 1,
+                           window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, >= heads * head_dim] (row stride free, e.g. the q part of the fused qkv);
+    cache: one layer [blocks, block_size, 2 * kv_heads, head_dim]; tables [B, max_blocks];
+    context_lens [B] (0: the row is padding and gets zeros). Returns [B, heads * head_dim]."""
+    B = q.shape[0]
+    if out is None:
+        out = torch.empty(B, heads * head_dim, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    group = heads // kv_heads
+    block_size = cache.shape[1]
+    f32 = INTERPRET or cache.dtype == torch.float32
+    if splits > 1:
+        mid_o = torch.empty(B * heads * splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B * heads * splits, dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out
+    _paged_decode_kernel[(B, kv_heads, splits)](
+        q, cache, tables, context_lens, out, mid_o, mid_lse,
+        q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0,
+        KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_SIZE=block_size,
+        TILE=ATTN_TILE, NUM_SPLITS=splits, F32_DOT=f32, num_warps=4,
+    )
+    if splits > 1:
+        _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), H=heads, D=head_dim, NUM_SPLITS=splits,
+                                    SPLITS_PAD=_next_pow2(splits))
+    return out
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+__all__ = ["GEMV_MAX_ROWS", "decode_splits", "gemv", "num_sms", "paged_decode_attention", "rms_norm",
+           "rope_and_cache", "silu_mul"]

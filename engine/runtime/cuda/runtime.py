@@ -1,0 +1,176 @@
+"""ModelRuntime for CUDA devices: Triton decode kernels, CUDA graphs, optional FP8 weights.
+
+Decode-only steps run a static-shape step padded to the smallest bucket of
+EngineConfig.decode_buckets that fits: inputs are copied into fixed buffers (token ids,
+positions, slots, block tables padded to the longest context, context lengths; padding
+rows write no K/V and attend to nothing), and the step is replayed from a CUDA graph
+captured per bucket on first use. With use_cuda_graphs=False the same padded step runs
+eagerly, so graph and eager decoding give the same tokens. Steps with prefill chunks run
+eagerly (cuBLAS projections, batched SDPA for prefill, the Triton kernel for their
+decode rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import ModelLoadError
+from engine.models.weights import MissingWeightError
+from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
+from engine.runtime.cuda.kernels import decode_splits, num_sms
+from engine.runtime.cuda.model import CudaLlama, DecodeInputs
+
+logger = logging.getLogger(__name__)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 matmuls need compute capability 8.9 (Ada) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class CudaRuntime(ModelRuntime):
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str, use_fp8: bool = False, config: EngineConfig | None = None,
+                 max_model_len: int | None = None):
+        self.spec = spec
+        self.dtype = dtype
+        self.device = torch.device(device)
+        config = config or EngineConfig()
+        self.use_cuda_graphs = config.use_cuda_graphs and self.device.type == "cuda"
+        self.max_model_len = max_model_len or spec.max_position_embeddings
+        buckets = sorted(set(config.decode_buckets))
+        # Buckets up to the first that holds max_num_seqs; larger decode batches run eagerly.
+        self.buckets = [b for b in buckets if b < config.max_num_seqs] + [b for b in buckets if b >= config.max_num_seqs][:1]
+        self.fp8_enabled = bool(use_fp8 and fp8_supported(self.device))
+        if use_fp8 and not self.fp8_enabled:
+            logger.warning("FP8 needs a CUDA GPU of compute capability 8.9 or newer; running in %s instead",
+                           str(dtype).removeprefix("torch."))
+        try:
+            with torch.inference_mode():
+                self.model = CudaLlama(spec, weights, dtype, self.device, fp8=self.fp8_enabled)
+        except MissingWeightError as e:
+            raise ModelLoadError(f"incomplete {spec.architecture} checkpoint: {e.args[0]}") from None
+        self.block_size = 0
+        self.kv_cache: torch.Tensor | None = None
+        self._layer_caches: list[torch.Tensor] = []
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.capture_seconds = 0.0
+
+    # ---- KV pool ------------------------------------------------------------------------
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        s = self.spec
+        return 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * block_size * self.dtype.itemsize
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        s = self.spec
+        self.kv_cache = torch.zeros(s.num_hidden_layers, num_blocks, block_size, 2 * s.num_key_value_heads,
+                                    s.head_dim, dtype=self.dtype, device=self.device)
+        self.block_size = block_size
+        self._layer_caches = list(self.kv_cache)
+        # Static decode inputs, sized for the largest bucket and the longest context.
+        rows = self.buckets[-1]
+        self.max_blocks = -(-self.max_model_len // block_size)
+        new = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=self.device)  # noqa: E731
+        self._ids, self._pos, self._slots, self._ctx = new(rows), new(rows), new(rows), new(rows)
+        self._tables = new(rows, self.max_blocks)
+        self._slots.fill_(-1)
+        self._live_rows = 0  # rows of the static buffers that may hold a real slot or context
+        self._graphs.clear()
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs or self.kv_cache is None:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        with torch.inference_mode():
+            self.kv_cache[:, dst] = self.kv_cache[:, src]
+
+    # ---- forward ------------------------------------------------------------------------
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.kv_cache is None:
+            raise RuntimeError("init_kv_cache() must be called before execute()")
+        n = batch.num_decodes
+        with torch.inference_mode():
+            if n and not batch.prefill_chunks and n <= self.buckets[-1]:
+                return self._decode(batch)
+            return self._eager(batch)
+
+    def _splits(self, rows: int) -> int:
+        return decode_splits(rows, self.spec.num_key_value_heads, self.max_model_len, num_sms(self.device))
+
+    def _eager(self, batch: ForwardBatch) -> torch.Tensor:
+        n = batch.num_decodes
+        decode = None
+        if n:
+            longest = batch.decode_block_tables.shape[1] * self.block_size
+            splits = decode_splits(n, self.spec.num_key_value_heads, longest, num_sms(self.device))
+            decode = DecodeInputs(batch.decode_block_tables, batch.decode_context_lens, splits)
+        logits = self.model.forward(batch.input_ids, batch.positions, batch.slot_mapping, self._layer_caches, decode,
+                                    n, batch.prefill_chunks, batch.logits_indices)
+        return logits.float()
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _static_step(self, rows: int) -> torch.Tensor:
+        decode = DecodeInputs(self._tables[:rows], self._ctx[:rows], self._splits(rows))
+        logits = self.model.forward(self._ids[:rows], self._pos[:rows], self._slots[:rows], self._layer_caches,
+                                    decode, rows, [], None)
+        return logits.float()
+
+    def _decode(self, batch: ForwardBatch) -> torch.Tensor:
+        n = batch.num_decodes
+        rows = self.bucket_for(n)
+        width = min(batch.decode_block_tables.shape[1], self.max_blocks)
+        self._ids[:n].copy_(batch.input_ids)
+        self._pos[:n].copy_(batch.positions)
+        self._slots[:n].copy_(batch.slot_mapping)
+        self._ctx[:n].copy_(batch.decode_context_lens)
+        self._tables[:n, :width].copy_(batch.decode_block_tables[:, :width])
+        if self._live_rows > n:  # rows a larger batch used: padding again (no K/V write, empty context)
+            self._slots[n : self._live_rows].fill_(-1)
+            self._ctx[n : self._live_rows].zero_()
+        self._live_rows = n
+        if self.use_cuda_graphs:
+            if rows not in self._graphs:
+                self._capture(rows)
+            graph, logits = self._graphs[rows]
+            graph.replay()
+        else:
+            logits = self._static_step(rows)
+        if batch.logits_indices.shape[0] == n:  # every decode row samples: rows 0..n-1
+            return logits[:n]
+        return logits.index_select(0, batch.logits_indices)
+
+    def _capture(self, rows: int) -> None:
+        start = time.perf_counter()
+        # Padding rows only write nothing, so the warm-up run (kernel compilation) and the
+        # capture leave the cache untouched whatever the buffers' first rows hold.
+        saved = self._slots[:rows].clone(), self._ctx[:rows].clone()
+        self._slots[:rows].fill_(-1)
+        self._ctx[:rows].zero_()
+        self._static_step(rows)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._static_step(rows)
+        self._slots[:rows].copy_(saved[0])
+        self._ctx[:rows].copy_(saved[1])
+        self._graphs[rows] = (graph, logits)
+        self.capture_seconds += time.perf_counter() - start
+        logger.info("captured the decode CUDA graph for batch %d in %.2f s", rows, time.perf_counter() - start)
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now (server warm-up) instead of on first use."""
+        if self.use_cuda_graphs:
+            with torch.inference_mode():
+                for rows in reversed(self.buckets):
+                    if rows not in self._graphs:
+                        self._capture(rows)
