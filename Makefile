@@ -1,6 +1,7 @@
 # textgen: serve an LLM's generate() over gRPC.
 #   make run    set up .venv and serve the embedded default model on 127.0.0.1:50051
 #   make test   set up .venv (plus Node tools) and run every test
+#   make soak   the load test at soak size (256 clients, 60 s); make fuzz: the fuzz at 20,000+ cases
 # Set-up is idempotent: stamp files record what is installed, so a second run starts at once.
 
 SHELL := /bin/bash
@@ -17,6 +18,8 @@ MODEL ?= default
 SERVE_ARGS ?=
 PYTEST_ARGS ?= -q --timeout=600 --durations=15
 BENCH_ARGS ?=
+# Sizes of the heavy reliability runs (tests/reliability/helpers.py reads them).
+FUZZ_EXAMPLES ?= 20000
 
 RUN_STAMP := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
@@ -25,13 +28,21 @@ PROTOS := $(wildcard protos/textgen/v1/*.proto)
 # One generated file stands for all the stubs: protoc writes them together.
 STUBS := clients/textgen/v1/text_generation_service_pb2_grpc.py
 
-.PHONY: run test proto lint bench clean setup setup-dev
+.PHONY: run test soak fuzz proto lint bench clean setup setup-dev
 
 run: setup proto
 	$(PY) -m service --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: setup-dev proto $(NODE_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The heavy variants of tests/reliability (make test runs them CI-sized); -s shows their figures.
+soak: setup-dev proto
+	TEXTGEN_SOAK=1 $(PY) -m pytest -q -s --timeout=1800 tests/reliability/test_load.py
+
+fuzz: setup-dev proto
+	TEXTGEN_FUZZ_RANDOM=1 TEXTGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s --timeout=7200 \
+		tests/reliability/test_fuzz.py
 
 proto: $(STUBS)
 

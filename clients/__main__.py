@@ -46,7 +46,9 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, timeout=args.timeout,
     )  # fmt: skip
-    connection = dict(tls=args.tls or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token)
+    connection = dict(
+        tls=args.tls or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token
+    )
     with TextGenerationClient(args.target, **connection) as client:
         try:
             if args.stream:

@@ -30,9 +30,13 @@ class EngineConfig:
     # Seconds without a finished step, while work is pending, before the watchdog
     # declares the engine stuck.
     watchdog_timeout_s: float = 120.0
+    # Ranks (devices of one host) the model is split over by heads and MLP columns; 1: no
+    # split. See engine/parallel/sharding.py for what must divide by it.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests",
+                    "tensor_parallel_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

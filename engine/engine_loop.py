@@ -103,8 +103,8 @@ class EngineLoop:
         if needed > pool.num_blocks:
             raise ContextLengthError(
                 "max_new_tokens",
-                f"prompt plus max_new_tokens ({params.num_sequences} sequences) needs {needed} KV blocks; "
-                f"the pool has {pool.num_blocks}",
+                f"prompt plus max_new_tokens needs {needed} KV blocks for {params.num_sequences} "
+                f"sequence{'s' if params.num_sequences > 1 else ''}; the pool has {pool.num_blocks}",
             )
 
     def abort(self, request_id: str) -> None:

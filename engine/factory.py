@@ -66,11 +66,24 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     logger.info("loading %s (%s) on %s in %s", folder, spec.architecture, torch_device, torch_dtype)
-    weights = loader.load_weights(folder, torch_dtype)
-    runtime = TorchRuntime(spec, weights, torch_dtype, torch_device, use_fp8=use_fp8)
+    max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    if config.tensor_parallel_size > 1:
+        # Imported here: it starts worker processes, and one-rank engines never need it.
+        from engine.parallel.tp_runtime import TensorParallelRuntime
+
+        runtime = TensorParallelRuntime(folder, spec, config.tensor_parallel_size, torch_dtype, torch_device,
+                                        use_fp8=use_fp8)
+    elif torch_device.type == "cuda":
+        # Imported here: it needs Triton, which CPU installs lack.
+        from engine.runtime.cuda.runtime import CudaRuntime
+
+        runtime = CudaRuntime(spec, loader.load_weights(folder, torch_dtype), torch_dtype, torch_device,
+                              use_fp8=use_fp8, config=config, max_model_len=max_model_len)
+    else:
+        weights = loader.load_weights(folder, torch_dtype)
+        runtime = TorchRuntime(spec, weights, torch_dtype, torch_device, use_fp8=use_fp8)
     tokenizer = TextTokenizer.from_folder(folder)
 
-    max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
     blocks = runtime.num_kv_blocks(config, max_model_len)
     runtime.init_kv_cache(blocks, config.block_size)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, config.block_size,

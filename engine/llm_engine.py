@@ -12,6 +12,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError
 from engine.model_runner import build_forward_batch
 from engine.outputs import RequestOutput
 from engine.params import SamplingParams
@@ -74,6 +75,8 @@ class LLMEngine:
                 logits = self.runtime.execute(batch)
                 # 3. Pick next tokens (and beam steps).
                 samples = self._sample(out, logits)
+            except EngineDeadError:  # the runtime cannot run another step (a tensor-parallel rank died)
+                raise
             except Exception as exc:  # a failed step fails its own requests only
                 logger.exception("model step failed for requests %s", [r.request_id for r in out.requests])
                 outputs = outputs + self.scheduler.fail(out.requests, f"model step failed: {exc!r}")
@@ -104,7 +107,10 @@ class LLMEngine:
                 row_logits.append(logits_row)
                 row_owner.append(seq.seq_id)
         if rows:
-            results = self.sampler.sample(logits[row_logits], rows)
+            # Indexing by a Python list copies the index to the device, which waits for it;
+            # the usual step samples every row once, in order, and needs no gather.
+            identity = len(row_logits) == logits.shape[0] and row_logits == list(range(len(row_logits)))
+            results = self.sampler.sample(logits if identity else logits[row_logits], rows)
             for seq_id, result in zip(row_owner, results):
                 samples.tokens.setdefault(seq_id, []).append(result)
         for request_id, pairs in beam_rows.items():

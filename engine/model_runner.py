@@ -33,18 +33,24 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
             logits_indices.append(len(input_ids) - 1)
 
     width = max((len(t) for t in decode_tables), default=0)
-    padded = [t + [0] * (width - len(t)) for t in decode_tables]
-
-    def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype, device=device)
+    flat_tables = [b for t in decode_tables for b in t + [0] * (width - len(t))]
+    parts = [input_ids, positions, slots, flat_tables, decode_lens, logits_indices]
+    # One host tensor, one copy: on CUDA from pinned memory without blocking, so building
+    # a step's inputs never waits for the device.
+    packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    elif packed.device != device:
+        packed = packed.to(device)
+    views = list(packed.split([len(p) for p in parts]))
 
     return ForwardBatch(
-        input_ids=tensor(input_ids),
-        positions=tensor(positions),
-        slot_mapping=tensor(slots),
+        input_ids=views[0],
+        positions=views[1],
+        slot_mapping=views[2],
         num_decodes=out.num_decodes,
-        decode_block_tables=tensor(padded).reshape(len(padded), width),
-        decode_context_lens=tensor(decode_lens),
+        decode_block_tables=views[3].view(len(decode_tables), width),
+        decode_context_lens=views[4],
         prefill_chunks=prefill_chunks,
-        logits_indices=tensor(logits_indices),
+        logits_indices=views[5],
     )

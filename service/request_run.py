@@ -52,13 +52,14 @@ class RequestRun:
         """
         try:
             async for output in self._engine.generate(self.request):
-                if self._cancelled:
-                    return  # the abort's last output: nobody listens, and it counts as CANCELLED
-                self._timer.observe(output)
                 if output.finished:
                     self._finished = True
                     self._release()
-                    self._log_done(output)
+                # Once the call is cancelled, what comes is the abort's: counted as CANCELLED, not timed.
+                if not self._cancelled:
+                    self._timer.observe(output)
+                    if output.finished:
+                        self._log_done(output)
                 yield output
         except asyncio.CancelledError:
             self._count_cancelled()

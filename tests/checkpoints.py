@@ -66,9 +66,13 @@ def save_tokenizer(dest: Path) -> None:
         shutil.copy(f, dest / f.name)
 
 
-def make_tiny_checkpoint(kind: str, dest: Path, seed: int = 0) -> Path:
-    """Write a random tiny `kind` model plus tokenizer into dest and return dest."""
+def make_tiny_checkpoint(kind: str, dest: Path, seed: int = 0, **overrides) -> Path:
+    """Write a random tiny `kind` model plus tokenizer into dest and return dest.
+
+    overrides: config fields to change (e.g. num_key_value_heads=1 for an MQA variant)."""
     config = TINY_CONFIGS[kind]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = 2

@@ -13,10 +13,12 @@ from engine.runtime.base import ModelSpec
 ARCHITECTURES = {"llama": LlamaModel, "mistral": LlamaModel, "qwen2": LlamaModel}
 
 
-def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                group=None):
+    """group: the tensor-parallel process group (engine/parallel/), or None for one rank."""
     if spec.architecture not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {spec.architecture!r}")
-    return ARCHITECTURES[spec.architecture](spec, weights, dtype, device)
+    return ARCHITECTURES[spec.architecture](spec, weights, dtype, device, group=group)
 
 
 __all__ = ["ARCHITECTURES", "LlamaModel", "MissingWeightError", "build_model"]

@@ -49,8 +49,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, group=None):
         self.spec = spec
+        # Tensor parallelism (engine/parallel/): this rank's heads and MLP columns only, so
+        # o_proj and down_proj give partial sums that `group` all-reduces. None: one rank.
+        self.group = group
         self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.scale = spec.head_dim**-0.5
         self.eps = spec.rms_norm_eps
@@ -108,11 +111,16 @@ class LlamaModel:
             # q and k sit side by side in qkv, so one in-place call rotates both.
             self.rope.apply_(qkv[:, : heads + self.kv_heads], rope)
             attn = paged_attention(qkv[:, :heads], qkv[:, heads:], cache, meta, self.scale)
-            h.add_(F.linear(attn, layer.o, layer.o_bias))
+            h.add_(self._all_reduce(F.linear(attn, layer.o, layer.o_bias)))
             x = rms_norm(h, layer.post_norm, self.eps)
             gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            h.add_(F.linear(F.silu(gate, inplace=True) * up, layer.down, layer.down_bias))
+            h.add_(self._all_reduce(F.linear(F.silu(gate, inplace=True) * up, layer.down, layer.down_bias)))
         # Norm and lm_head only over the rows that are sampled: the lm_head is the biggest
         # matrix and most prefill rows need no logits.
         rows = rms_norm(h[logits_indices], self.norm, self.eps)
         return F.linear(rows, self.lm_head)
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            self.group.allreduce([partial]).wait()
+        return partial

@@ -22,7 +22,9 @@ def fp8_supported(device: torch.device) -> bool:
 
 class TorchRuntime(ModelRuntime):
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str, use_fp8: bool = False):
+                 device: torch.device | str, use_fp8: bool = False, group=None):
+        # group: the tensor-parallel process group when spec and weights are one rank's
+        # shard (engine/parallel/); None for a whole model.
         self.spec = spec
         self.dtype = dtype
         self.device = torch.device(device)
@@ -38,7 +40,7 @@ class TorchRuntime(ModelRuntime):
                                str(dtype).removeprefix("torch."))
         try:
             with torch.inference_mode():
-                self.model = build_model(spec, weights, dtype, self.device)
+                self.model = build_model(spec, weights, dtype, self.device, group=group)
         except MissingWeightError as e:
             raise ModelLoadError(f"incomplete {spec.architecture} checkpoint: {e.args[0]}") from None
         self.block_size = 0

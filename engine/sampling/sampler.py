@@ -80,15 +80,20 @@ class Sampler:
             noise = self._exponential_noise(probs, [rows[i].generator for i in sampling])
             tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
 
-        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
         k = min(max((p.logprobs or 0) for p in params), logits.shape[1])
         top = torch.topk(raw_logprobs, k, dim=-1) if k else None
-        # The step's only wait on the device: the first .tolist() syncs, the rest find
-        # their values ready.
-        token_list = tokens.tolist()
-        chosen_list = chosen.tolist()
-        top_values = top.values.tolist() if top is not None else None
-        top_ids = top.indices.tolist() if top is not None else None
+        # The step's only wait on the device, and its only transfer: token ids, their
+        # logprobs and the top-k alternatives travel together as float64 (exact for ids
+        # below 2**53 and for float32 logprobs).
+        columns = [tokens.unsqueeze(1), chosen]
+        if top is not None:
+            columns += [top.indices, top.values]
+        packed = torch.cat([c.to(torch.float64) for c in columns], dim=1).tolist()
+        token_list = [int(row[0]) for row in packed]
+        chosen_list = [row[1] for row in packed]
+        top_ids = [[int(t) for t in row[2 : 2 + k]] for row in packed] if top is not None else None
+        top_values = [row[2 + k :] for row in packed] if top is not None else None
 
         results = []
         for i, p in enumerate(params):

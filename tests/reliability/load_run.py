@@ -233,7 +233,9 @@ def main(argv=None) -> None:
         async def load() -> dict:
             clients = [AsyncTextGenerationClient(server.target) for _ in range(args.clients)]
             try:
+                began = time.monotonic()
                 warm = await run_phase(clients, args.warmup_seconds, args.seed, references)
+                warm_elapsed = time.monotonic() - began
                 before = await asyncio.to_thread(settle, server, None)
                 rss_before = process.memory_info().rss
                 began = time.monotonic()
@@ -248,7 +250,7 @@ def main(argv=None) -> None:
                 "seconds": args.seconds,
                 "warmup_seconds": args.warmup_seconds,
                 "elapsed_s": round(elapsed, 1),
-                "warmup": tally_report(warm, args.warmup_seconds),
+                "warmup": tally_report(warm, warm_elapsed),
                 "main": tally_report(main_tally, elapsed),
                 "before": before,
                 "after": after,

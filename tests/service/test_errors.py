@@ -3,6 +3,7 @@ the server keeps serving. Overload and a stopped engine map to their codes too."
 
 from __future__ import annotations
 
+import math
 import time
 
 import grpc
@@ -43,7 +44,31 @@ CASES = [
     ("empty stop sequence", TEXT, {"stop_sequences": [""]}, INVALID, "config.stop_sequences"),
     ("negative stop token", TEXT, {"stop_token_ids": [-3]}, INVALID, "config.stop_token_ids"),
     ("too many logprobs", TEXT, {"top_logprobs": 21}, INVALID, "top_logprobs"),
-]
+    # Extreme values, as a hostile or buggy client sends them.
+    ("empty text", "", {}, INVALID, "input"),
+    ("NaN temperature", TEXT, {"do_sample": True, "temperature": math.nan}, INVALID, "config.temperature"),
+    ("+inf temperature", TEXT, {"do_sample": True, "temperature": math.inf}, INVALID, "config.temperature"),
+    ("-inf temperature", TEXT, {"do_sample": True, "temperature": -math.inf}, INVALID, "config.temperature"),
+    ("top_p 0", TEXT, {"do_sample": True, "top_p": 0.0}, INVALID, "config.top_p"),
+    ("NaN top_p", TEXT, {"do_sample": True, "top_p": math.nan}, INVALID, "config.top_p"),
+    ("NaN min_p", TEXT, {"do_sample": True, "min_p": math.nan}, INVALID, "config.min_p"),
+    ("inf repetition_penalty", TEXT, {"repetition_penalty": math.inf}, INVALID, "config.repetition_penalty"),
+    ("NaN length_penalty", TEXT, {"num_beams": 2, "length_penalty": math.nan}, INVALID, "config.length_penalty"),
+    ("negative max_new_tokens", TEXT, {"max_new_tokens": -5}, INVALID, "config.max_new_tokens"),
+    ("int32 min max_new_tokens", TEXT, {"max_new_tokens": -(2**31)}, INVALID, "config.max_new_tokens"),
+    ("int32 min top_k", TEXT, {"do_sample": True, "top_k": -(2**31)}, INVALID, "config.top_k"),
+    ("int64 min seed", TEXT, {"seed": -(2**63)}, INVALID, "config.seed"),
+    ("uint32 max logprobs", TEXT, {"top_logprobs": 2**32 - 1}, INVALID, "top_logprobs"),
+    ("int32 max beams", TEXT, {"num_beams": 2**31 - 1}, INVALID, "config.num_beams"),
+    ("beams over max_num_seqs", TEXT, {"num_beams": 65}, INVALID, "config.num_beams"),
+    ("int32 max token id", [1, 2**31 - 1], {}, INVALID, "token_ids.ids"),
+    ("thousands of stop strings", TEXT, {"stop_sequences": [f"s{i}" for i in range(5000)]}, INVALID,
+     "config.stop_sequences"),
+    ("samples over the KV pool", TEXT, {"do_sample": True, "num_return_sequences": 40, "max_new_tokens": 400},
+     grpc.StatusCode.OUT_OF_RANGE, "config.max_new_tokens"),
+    ("unknown role among good ones", [{"role": "user", "content": "hi"}, {"role": "", "content": "x"}], {}, INVALID,
+     "messages[1].role"),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,26 +113,59 @@ def test_message_over_the_receive_limit(tiny_server, client):
     assert client.generate(TEXT, max_new_tokens=2).usage.completion_tokens >= 1
 
 
-def test_full_queue_is_resource_exhausted_at_once(tiny_llama):
+def test_absurd_max_new_tokens_is_clamped_to_the_context(tiny_server, client):
+    ids = tiny_server.engine.tokenizer.encode(TEXT)
+    result = client.generate(ids, max_new_tokens=2**31 - 1, ignore_eos=True)
+    assert result.sequences[0].finish_reason == "length"
+    assert result.usage.completion_tokens == tiny_server.engine.info.max_model_len - len(ids)
+    tiny_server.wait_idle()
+
+
+def test_chat_message_over_the_receive_limit(tiny_server, client):
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    message = generate_pb2.ChatMessage(role="user", content="b" * (5 << 20))
+    with grpc.insecure_channel(tiny_server.target, options=options) as channel:
+        stub = text_generation_service_pb2_grpc.TextGenerationServiceStub(channel)
+        request = generate_pb2.GenerateRequest(messages=generate_pb2.ChatMessages(messages=[message]))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.GenerateStream(request, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.generate(TEXT, max_new_tokens=2).usage.completion_tokens >= 1
+
+
+def test_full_queue_is_resource_exhausted_within_100_ms_and_admitted_calls_finish(tiny_server, tiny_llama):
     from engine import AsyncEngine
 
+    options = dict(max_new_tokens=250, ignore_eos=True)
+    prompts = [TEXT, TEXT + " again"]
+    with TextGenerationClient(tiny_server.target, timeout=60) as reference:
+        expected = [reference.generate(p, **options).sequences[0].token_ids for p in prompts]
     # Room for one running and one waiting request: a third is refused.
     engine = AsyncEngine.from_pretrained(tiny_llama, num_kv_blocks=64, max_num_seqs=1, max_waiting_requests=1)
     server = BackgroundServer(engine)
     try:
         with TextGenerationClient(server.target, timeout=60) as client, grpc.insecure_channel(server.target) as channel:
-            # Two long streams (about 2.5 s each, one after the other), started without reading them.
+            client.generate(TEXT, max_new_tokens=1)  # the connection is up before the clock runs
+            # Two long streams (about 1 s each, one after the other), started without reading them.
             stub = text_generation_service_pb2_grpc.TextGenerationServiceStub(channel)
-            config = generation_config_pb2.GenerationConfig(max_new_tokens=500, ignore_eos=True)
-            streams = [stub.GenerateStream(generate_pb2.GenerateRequest(text=TEXT, config=config)) for _ in range(2)]
+            config = generation_config_pb2.GenerationConfig(**options)
+            streams = [stub.GenerateStream(generate_pb2.GenerateRequest(text=p, config=config)) for p in prompts]
             _wait_for(lambda: engine.stats().running + engine.stats().waiting == 2)
-            began = time.monotonic()
-            with pytest.raises(TextGenerationError) as caught:
-                client.generate(TEXT, max_new_tokens=2)
-            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert time.monotonic() - began < 1.0
-            for stream in streams:
-                stream.cancel()
+            waits = []
+            for i in range(10):
+                began = time.monotonic()
+                with pytest.raises(TextGenerationError) as caught:
+                    if i % 2:
+                        list(client.generate_stream(TEXT, max_new_tokens=2))
+                    else:
+                        client.generate(TEXT, max_new_tokens=2)
+                waits.append(time.monotonic() - began)
+                assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert engine.stats().running + engine.stats().waiting == 2  # still full: every refusal was due
+            assert max(waits) < 0.1, waits
+            # The admitted calls were never disturbed: they run to their end, exactly.
+            for stream, want in zip(streams, expected):
+                assert [t for message in stream for t in message.token_ids] == want
             server.wait_idle()
             assert client.generate(TEXT, max_new_tokens=2).usage.completion_tokens >= 1
     finally:

@@ -198,7 +198,9 @@ def test_every_client_speaks_mutual_tls_with_a_token(tiny_server, pki, tokens_fi
 
         import torch
 
-        model = RemoteModelForCausalLM.from_pretrained("default", target=server.target, token="file-token-1", **connection)
+        model = RemoteModelForCausalLM.from_pretrained(
+            "default", target=server.target, token="file-token-1", **connection
+        )
         try:
             out = model.generate(torch.tensor([ids]), max_new_tokens=4)
             assert out[0, len(ids) :].tolist() == tiny_server.engine.tokenizer.encode(want, add_special_tokens=False)

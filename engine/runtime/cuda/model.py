@@ -20,8 +20,7 @@ from engine.models.rope import interleave_rope_rows, inv_freq
 from engine.models.weights import MissingWeightError
 from engine.runtime.base import ModelSpec
 from engine.runtime.cuda.fp8 import Fp8Weight, quantize_rows, scaled_mm_linear
-from engine.runtime.cuda.kernels import (GEMV_MAX_ROWS, gemv, paged_decode_attention, rms_norm, rope_and_cache,
-                                         silu_mul)
+from engine.runtime.cuda.kernels import GEMV_MAX_ROWS, gemv, paged_decode_attention, rms_norm, rope_and_cache, silu_mul
 
 
 @dataclass

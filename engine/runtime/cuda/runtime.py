@@ -66,6 +66,29 @@ class CudaRuntime(ModelRuntime):
         s = self.spec
         return 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * block_size * self.dtype.itemsize
 
+    def num_kv_blocks(self, config: EngineConfig, max_model_len: int | None = None) -> int:
+        """KV blocks for a kv_cache_memory_fraction of the GPU memory free now (after the
+        weights), capped at what max_num_seqs sequences of max_model_len tokens could use."""
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = self.kv_cache_bytes_per_block(config.block_size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * config.kv_cache_memory_fraction)
+        else:
+            free = total = budget = config.kv_cache_bytes
+        blocks = budget // per_block
+        if max_model_len is not None:
+            blocks = min(blocks, config.max_num_seqs * -(-max_model_len // config.block_size))
+        blocks = max(1, blocks)
+        self.kv_pool_report = (f"KV pool: {blocks} blocks of {config.block_size} tokens = {blocks * per_block / 2**30:.2f} GiB "
+                               f"({blocks * config.block_size} tokens); {free / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                               f"free after the weights, budget {config.kv_cache_memory_fraction:.0%} of free")
+        logger.info(self.kv_pool_report)
+        return blocks
+
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.spec
         self.kv_cache = torch.zeros(s.num_hidden_layers, num_blocks, block_size, 2 * s.num_key_value_heads,

@@ -1,0 +1,335 @@
+"""The CUDA runtime (engine/runtime/cuda): Triton kernels, CUDA-graph decode, FP8.
+
+Runs on a CUDA GPU with Triton. Without one every test is skipped, unless Triton is
+importable and TRITON_INTERPRET=1 is set: then the kernels run in Triton's CPU
+interpreter (slow, tiny shapes; its float32 -> bf16 casts truncate instead of rounding,
+so bf16 results are only checked loosely there, float32 ones tightly everywhere).
+
+Tolerances: float32 runs (cuBLAS without TF32, float32 Triton dots) differ from
+transformers' float32 forward only in summation order (~1e-6 on these logits), so atol
+1e-4 as in test_model_parity; bf16 runs are compared by relative error of the logits
+(||ours - theirs|| / ||theirs||), which sits near 5e-3 for bf16 roundings and above 1e-1
+for any real error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a CUDA GPU with Triton (or TRITON_INTERPRET=1)")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def bf16_tol() -> float:
+    return 2e-2 if INTERPRET else 1e-2
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+def ref_rms_norm(x, w, eps):
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_gemv_fusions_match_torch(rows):
+    from engine.runtime.cuda.kernels import gemv
+
+    g = torch.Generator(device="cpu").manual_seed(rows)
+    N, K = 72, 160
+    make = lambda *s: torch.randn(*s, generator=g).to(device=DEVICE, dtype=torch.bfloat16)  # noqa: E731
+    x, w, nw, b, res, x2 = make(rows, K), make(N, K) * 0.1, make(K), make(N), make(rows, N), make(rows, 2 * K)
+    cfg = (8, 64, 4)
+    assert rel(gemv(x, w, config=cfg), F.linear(x, w)) < bf16_tol()
+    assert rel(gemv(x, w, norm=nw, eps=1e-5, config=cfg), F.linear(ref_rms_norm(x, nw, 1e-5), w)) < bf16_tol()
+    gate, up = x2.chunk(2, dim=-1)
+    assert rel(gemv(x2, w, act=True, config=cfg), F.linear(F.silu(gate) * up, w)) < bf16_tol()
+    out = res.clone()
+    y = gemv(x, w, bias=b, residual=out, out=out, config=cfg)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel(y, res + F.linear(x, w, b)) < bf16_tol()
+    # float32 is exact up to summation order.
+    x32, w32 = x.float(), w.float()
+    torch.testing.assert_close(gemv(x32, w32, norm=nw.float(), eps=1e-5, config=cfg),
+                               F.linear(F.rms_norm(x32, (K,), nw.float(), 1e-5), w32), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_fp8_equals_dequantized_weights():
+    from engine.runtime.cuda.fp8 import quantize_rows
+    from engine.runtime.cuda.kernels import gemv
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 256, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(96, 256, generator=g) * 0.05).to(DEVICE, torch.bfloat16)
+    q = quantize_rows(w)
+    assert q.q.dtype == torch.float8_e4m3fn and q.scale.shape == (96,)
+    assert rel(q.dequantize(torch.float32), w.float()) < 0.04  # e4m3 has 3 mantissa bits
+    y = gemv(x, q.q, scale=q.scale, config=(16, 128, 4))
+    assert rel(y, F.linear(x.float(), q.dequantize(torch.float32))) < bf16_tol()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_write(dtype):
+    from engine.models.rope import RopeTable
+    from engine.runtime.base import ModelSpec
+    from engine.runtime.cuda.kernels import rope_and_cache
+
+    H, KVH, D, T = 6, 2, 32, 5
+    spec = ModelSpec("llama", 10, H * D, 8, 1, H, KVH, D, 1e-6, 10000.0, 64, False)
+    ref_table = RopeTable(spec, 64, dtype, "cpu")
+    if dtype == torch.float32:  # complex table: cos + i sin
+        cos_sin = torch.stack([ref_table.table.real, ref_table.table.imag])
+    else:
+        cos_sin = ref_table.table
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    positions = torch.tensor([0, 3, 7, 20, 63])
+    slots = torch.tensor([5, -1, 0, 17, 30])
+    expected = qkv.clone().view(T, -1, D)
+    ref_table.apply_(expected[:, : H + KVH], ref_table.lookup(positions))
+    ours = qkv.to(DEVICE)
+    cache = torch.zeros(4, 8, 2 * KVH, D, dtype=dtype, device=DEVICE)
+    rope_and_cache(ours, positions.to(DEVICE), slots.to(DEVICE), cos_sin.to(DEVICE).contiguous(), cache, H, KVH, D)
+    ours = ours.cpu().view(T, -1, D)
+    if INTERPRET and dtype == torch.bfloat16:
+        torch.testing.assert_close(ours, expected, atol=2e-2, rtol=2e-2)
+    elif dtype == torch.bfloat16:
+        assert torch.equal(ours, expected)  # same ops, same roundings
+    else:
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+    flat = cache.cpu().view(-1, 2 * KVH, D)
+    written = {}
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            written[s] = t
+            assert torch.equal(flat[s], ours[t, H:])
+    untouched = [i for i in range(flat.shape[0]) if i not in written]
+    assert flat[untouched].abs().sum() == 0
+
+
+def ref_decode_attention(q, cache, tables, ctx, H, KVH, D, scale, window=None):
+    B = q.shape[0]
+    out = torch.zeros(B, H * D, dtype=torch.float64)
+    group = H // KVH
+    for b in range(B):
+        L = int(ctx[b])
+        if L == 0:
+            continue
+        kv = cache[tables[b].long()].flatten(0, 1)[:L].double()
+        qq = q[b, : H * D].view(H, D).double()
+        for h in range(H):
+            s = (kv[:, h // group] @ qq[h]) * scale
+            if window:
+                s[: max(0, L - window)] = -float("inf")
+            out[b, h * D : (h + 1) * D] = s.softmax(0) @ kv[:, KVH + h // group]
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 9])
+def test_paged_decode_attention(heads, kv_heads, splits, window):
+    from engine.runtime.cuda.kernels import paged_decode_attention
+
+    g = torch.Generator().manual_seed(heads + splits)
+    D, block_size, blocks = 64, 16, 40
+    cache = torch.randn(blocks, block_size, 2 * kv_heads, D, generator=g).to(torch.bfloat16)
+    ctx = torch.tensor([37, 0, 5, 200])  # 200: several 64-token tiles, uneven splits
+    tables = (torch.randperm(4 * 13, generator=g) % blocks).view(4, 13)
+    q = torch.randn(4, (heads + 2 * kv_heads) * D, generator=g).to(torch.bfloat16)
+    out = torch.full((4, heads * D), float("nan"), device=DEVICE)
+    paged_decode_attention(q.to(DEVICE), cache.to(DEVICE), tables.to(DEVICE), ctx.to(DEVICE), heads, kv_heads, D,
+                           D**-0.5, splits, window, out=out)
+    expected = ref_decode_attention(q, cache, tables, ctx, heads, kv_heads, D, D**-0.5, window)
+    # float32 output; bf16 probabilities in the P @ V product on the GPU.
+    torch.testing.assert_close(out.cpu().double(), expected, atol=1e-2 if HAS_CUDA else 1e-5, rtol=0)
+    assert out[1].abs().sum() == 0  # an empty context (padding row) gives zeros
+
+
+# ---- the runtime against transformers --------------------------------------------------------
+
+
+def tiny_model(kind: str, dtype: torch.dtype, **overrides):
+    import transformers
+
+    from engine import loader
+    from tests.checkpoints import TINY_CONFIGS
+
+    config = TINY_CONFIGS[kind]()
+    if INTERPRET:  # the interpreter runs each Triton program in numpy: keep the lm_head small
+        overrides = {"vocab_size": 512, **overrides}
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE).eval()
+    spec = loader.spec_from_config(config.to_dict())
+    return model, spec
+
+
+def make_runtime(spec, model, dtype, graphs=True, fp8=False, num_blocks=96, block_size=4, max_num_seqs=8):
+    from engine.config import EngineConfig
+    from engine.runtime.cuda.runtime import CudaRuntime
+
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    config = EngineConfig(use_cuda_graphs=graphs, max_num_seqs=max_num_seqs, block_size=block_size)
+    runtime = CudaRuntime(spec, weights, dtype, DEVICE, use_fp8=fp8, config=config, max_model_len=256)
+    runtime.init_kv_cache(num_blocks, block_size)
+    return runtime
+
+
+def on_device(batch):
+    return dataclasses.replace(
+        batch, **{f.name: getattr(batch, f.name).to(DEVICE) for f in dataclasses.fields(batch)
+                  if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+class DeviceRuntime:
+    """Moves paged_driver's CPU batches to the device."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def execute(self, batch):
+        return self.runtime.execute(on_device(batch)).cpu()
+
+
+def run_script(runtime, seed=0):
+    """Prefill, chunked prefill over a cached prefix, mixed steps and decodes of 1-3
+    sequences (padded into buckets 1, 2 and 4). Returns [(sequence tokens, pos, logits)]."""
+    from tests.engine.paged_driver import Pager, Seq, step
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = runtime.spec.vocab_size
+    prompt = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    rt, pager = DeviceRuntime(runtime), Pager(96, 4, seed)
+    rows = []
+
+    def take(seqs, logits, extend=True):
+        for s, row in zip(seqs, logits):
+            rows.append((s, s.fed - 1, row))
+            if extend:
+                s.tokens.append(int(row.argmax()))
+
+    a, b, c = Seq(prompt(9)), Seq(prompt(5)), Seq(prompt(10))
+    take([a, b], step(rt, pager, [], [(a, 9), (b, 5)]))
+    for _ in range(3):
+        take([a], step(rt, pager, [a], []))
+    logits = step(rt, pager, [a, b], [(c, 4)])
+    take([a, b], logits[:2])
+    take([c], logits[2:], extend=False)
+    take([a, b, c], step(rt, pager, [a, b], [(c, 6)]))
+    for _ in range(4):
+        take([a, b, c], step(rt, pager, [a, b, c], []))
+    for _ in range(2):
+        take([b, c], step(rt, pager, [b, c], []))
+    return rows
+
+
+def compare_with_reference(model, rows):
+    """(max abs diff, max relative error per row, greedy agreement) against the model's full forward."""
+    worst_abs, worst_rel, agree = 0.0, 0.0, True
+    cache = {}
+    for seq, pos, ours in rows:
+        key = id(seq)
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = model(torch.tensor([seq.tokens[:-1]], device=DEVICE)).logits[0].float().cpu()
+        ref = cache[key][pos]
+        worst_abs = max(worst_abs, (ours - ref).abs().max().item())
+        worst_rel = max(worst_rel, rel(ours, ref))
+        agree &= int(ours.argmax()) == int(ref.argmax())
+    return worst_abs, worst_rel, agree
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2"])
+def test_float32_runtime_matches_transformers(kind):
+    model, spec = tiny_model(kind, torch.float32)
+    rows = run_script(make_runtime(spec, model, torch.float32, graphs=HAS_CUDA))
+    worst_abs, _, agree = compare_with_reference(model, rows)
+    assert worst_abs < 1e-4 and agree, worst_abs
+
+
+def test_sliding_window_matches_transformers():
+    model, spec = tiny_model("mistral", torch.float32, sliding_window=5)
+    assert spec.sliding_window == 5
+    rows = run_script(make_runtime(spec, model, torch.float32, graphs=HAS_CUDA))
+    worst_abs, _, agree = compare_with_reference(model, rows)
+    assert worst_abs < 1e-4 and agree, worst_abs
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_runtime_close_to_transformers(kind):
+    model, spec = tiny_model(kind, torch.bfloat16)
+    rows = run_script(make_runtime(spec, model, torch.bfloat16, graphs=HAS_CUDA))
+    _, worst_rel, _ = compare_with_reference(model, rows)
+    assert worst_rel < (6e-2 if INTERPRET else 2e-2), worst_rel  # the interpreter truncates to bf16
+
+
+@cuda_only
+def test_graph_replay_equals_eager_decode():
+    model, spec = tiny_model("llama", torch.bfloat16)
+    graphed = make_runtime(spec, model, torch.bfloat16, graphs=True)
+    eager = make_runtime(spec, model, torch.bfloat16, graphs=False)
+    a, b = run_script(graphed), run_script(eager)
+    assert graphed._graphs and not eager._graphs  # buckets 1, 2 and 4 were captured
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(a, b))
+
+
+@cuda_only
+def test_fp8_weights_stay_close_to_bf16():
+    from engine.runtime.cuda.fp8 import Fp8Weight
+    from engine.runtime.cuda.runtime import fp8_supported
+
+    if not fp8_supported(DEVICE):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    model, spec = tiny_model("llama", torch.bfloat16)
+    fp8 = make_runtime(spec, model, torch.bfloat16, fp8=True)
+    assert fp8.fp8_enabled and isinstance(fp8.model.layers[0].qkv, Fp8Weight)
+    bf16 = make_runtime(spec, model, torch.bfloat16)
+    assert fp8.model.weight_bytes() < 0.75 * bf16.model.weight_bytes()
+    ours, theirs = run_script(fp8), run_script(bf16)
+    errs = [rel(x[2], y[2]) for x, y in zip(ours, theirs)]
+    assert max(errs) < 0.1, errs
+
+
+@cuda_only
+def test_from_pretrained_on_cuda_generates_like_transformers(tmp_path):
+    """The whole engine on the GPU, float32: greedy tokens equal transformers' generate."""
+    from engine import AutoModelForCausalLM
+    from tests.checkpoints import save_tokenizer
+
+    model, _ = tiny_model("llama", torch.float32)
+    model.generation_config.pad_token_id = 2
+    model.save_pretrained(str(tmp_path))
+    given = os.environ.get("TEXTGEN_TEST_TOKENIZER_DIR")  # a folder of tokenizer files (no gguf there)
+    try:
+        if given:
+            for f in os.listdir(given):
+                shutil.copy(os.path.join(given, f), tmp_path / f)
+        else:
+            save_tokenizer(tmp_path)
+    except Exception as exc:  # the tokenizer comes from the default model's GGUF
+        pytest.skip(f"no tokenizer files: {exc}")
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path), device="cuda", dtype="float32")
+    assert type(ours.engine._loaded.loop.engine.runtime).__name__ == "CudaRuntime"
+    prompt = torch.randint(3, 49152, (2, 7), generator=torch.Generator().manual_seed(3))
+    got = ours.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(prompt.to(DEVICE), max_new_tokens=12, min_new_tokens=12, do_sample=False).cpu()
+    assert torch.equal(got, want)
