@@ -73,7 +73,7 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
 
         runtime = TensorParallelRuntime(folder, spec, config.tensor_parallel_size, torch_dtype, torch_device,
                                         use_fp8=use_fp8)
-    elif torch_device.type == "cuda":
+    elif torch_device.type == "cuda" and config.experimental_cuda_runtime:
         # Imported here: it needs Triton, which CPU installs lack.
         from engine.runtime.cuda.runtime import CudaRuntime
 

@@ -48,15 +48,15 @@ def ref_rms_norm(x, w, eps):
     return w * xf.to(x.dtype)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_gemv_fusions_match_torch(rows):
+@pytest.mark.parametrize("rows,cfg", [(1, ("fma", 8, 64, 4)), (3, ("fma", 16, 64, 4)), (1, ("dot", 32, 64, 4, 3)),
+                                      (4, ("dot", 16, 32, 4, 2)), (20, ("dot", 32, 64, 4, 3))])
+def test_gemv_fusions_match_torch(rows, cfg):
     from engine.runtime.cuda.kernels import gemv
 
     g = torch.Generator(device="cpu").manual_seed(rows)
     N, K = 72, 160
     make = lambda *s: torch.randn(*s, generator=g).to(device=DEVICE, dtype=torch.bfloat16)  # noqa: E731
     x, w, nw, b, res, x2 = make(rows, K), make(N, K) * 0.1, make(K), make(N), make(rows, N), make(rows, 2 * K)
-    cfg = (8, 64, 4)
     assert rel(gemv(x, w, config=cfg), F.linear(x, w)) < bf16_tol()
     assert rel(gemv(x, w, norm=nw, eps=1e-5, config=cfg), F.linear(ref_rms_norm(x, nw, 1e-5), w)) < bf16_tol()
     gate, up = x2.chunk(2, dim=-1)
@@ -81,8 +81,9 @@ def test_gemv_fp8_equals_dequantized_weights():
     q = quantize_rows(w)
     assert q.q.dtype == torch.float8_e4m3fn and q.scale.shape == (96,)
     assert rel(q.dequantize(torch.float32), w.float()) < 0.04  # e4m3 has 3 mantissa bits
-    y = gemv(x, q.q, scale=q.scale, config=(16, 128, 4))
-    assert rel(y, F.linear(x.float(), q.dequantize(torch.float32))) < bf16_tol()
+    for cfg in (("fma", 16, 128, 4), ("dot", 32, 128, 4, 3)):
+        y = gemv(x, q.q, scale=q.scale, config=cfg)
+        assert rel(y, F.linear(x.float(), q.dequantize(torch.float32))) < bf16_tol()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,7 +111,10 @@ def test_rope_and_cache_write(dtype):
     if INTERPRET and dtype == torch.bfloat16:
         torch.testing.assert_close(ours, expected, atol=2e-2, rtol=2e-2)
     elif dtype == torch.bfloat16:
-        assert torch.equal(ours, expected)  # same ops, same roundings
+        # Same ops and roundings, yet ~1% of the GPU results differ from the CPU's by one
+        # rounding of a product (up to 2**-9 here, large relative to outputs near zero).
+        torch.testing.assert_close(ours, expected, atol=2**-8, rtol=2**-7)
+        assert (ours == expected).float().mean() > 0.97
     else:
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
     flat = cache.cpu().view(-1, 2 * KVH, D)
@@ -209,9 +213,12 @@ class DeviceRuntime:
         return self.runtime.execute(on_device(batch)).cpu()
 
 
-def run_script(runtime, seed=0):
+def run_script(runtime, seed=0, follow=None):
     """Prefill, chunked prefill over a cached prefix, mixed steps and decodes of 1-3
-    sequences (padded into buckets 1, 2 and 4). Returns [(sequence tokens, pos, logits)]."""
+    sequences (padded into buckets 1, 2 and 4). Returns [(sequence tokens, pos, logits)].
+
+    Sequences grow by their greedy token, or, with `follow` (another run's result), by
+    the token that run chose at the same point (teacher forcing, to compare runtimes)."""
     from tests.engine.paged_driver import Pager, Seq, step
 
     g = torch.Generator().manual_seed(seed)
@@ -224,7 +231,11 @@ def run_script(runtime, seed=0):
         for s, row in zip(seqs, logits):
             rows.append((s, s.fed - 1, row))
             if extend:
-                s.tokens.append(int(row.argmax()))
+                if follow is None:
+                    s.tokens.append(int(row.argmax()))
+                else:
+                    leader = follow[len(rows) - 1][0]
+                    s.tokens.append(leader.tokens[s.fed])
 
     a, b, c = Seq(prompt(9)), Seq(prompt(5)), Seq(prompt(10))
     take([a, b], step(rt, pager, [], [(a, 9), (b, 5)]))
@@ -302,10 +313,13 @@ def test_fp8_weights_stay_close_to_bf16():
     fp8 = make_runtime(spec, model, torch.bfloat16, fp8=True)
     assert fp8.fp8_enabled and isinstance(fp8.model.layers[0].qkv, Fp8Weight)
     bf16 = make_runtime(spec, model, torch.bfloat16)
-    assert fp8.model.weight_bytes() < 0.75 * bf16.model.weight_bytes()
-    ours, theirs = run_script(fp8), run_script(bf16)
+    layer_bytes = lambda rt: rt.model.weight_bytes() - 2 * rt.model.embed.numel() * 2  # noqa: E731 (untied: embed + lm_head)
+    assert layer_bytes(fp8) < 0.6 * layer_bytes(bf16)
+    theirs = run_script(bf16)
+    ours = run_script(fp8, follow=theirs)  # the same tokens as the bf16 run
     errs = [rel(x[2], y[2]) for x, y in zip(ours, theirs)]
-    assert max(errs) < 0.1, errs
+    top1 = sum(int(x[2].argmax()) == int(y[2].argmax()) for x, y in zip(ours, theirs)) / len(ours)
+    assert max(errs) < 0.15 and top1 >= 0.8, (errs, top1)
 
 
 @cuda_only
@@ -333,3 +347,51 @@ def test_from_pretrained_on_cuda_generates_like_transformers(tmp_path):
     with torch.no_grad():
         want = model.generate(prompt.to(DEVICE), max_new_tokens=12, min_new_tokens=12, do_sample=False).cpu()
     assert torch.equal(got, want)
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("kind", ["fma", "dot"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemv_at_llama_shapes(rows, kind, fp8):
+    """Every fusion at Llama-7B shapes (many K tiles, masked K tail) on the GPU."""
+    from engine.runtime.cuda.fp8 import quantize_rows
+    from engine.runtime.cuda.kernels import gemv
+
+    if kind == "fma" and rows > 4:
+        pytest.skip("the FMA kernel serves up to 4 rows")
+    cfg = ("fma", 8, 1024, 4) if kind == "fma" else ("dot", 32, 256, 4, 4)
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    bf = torch.bfloat16
+    make = lambda *s: torch.randn(*s, generator=g, device="cuda").to(bf)  # noqa: E731
+    N, K, KI = 4096, 4096, 11008
+    w, wd = make(N, K) * 0.02, make(N, KI) * 0.02
+    if fp8:
+        q, qd = quantize_rows(w), quantize_rows(wd)
+        w_arg, wd_arg, kw, kwd = q.q, qd.q, {"scale": q.scale}, {"scale": qd.scale}
+        w, wd = q.dequantize(bf), qd.dequantize(bf)
+    else:
+        w_arg, wd_arg, kw, kwd = w, wd, {}, {}
+    x, x2, nw, res = make(rows, K), make(rows, 2 * KI), make(K), make(rows, N)
+    errors = {
+        "plain": rel(gemv(x, w_arg, config=cfg, **kw), F.linear(x, w)),
+        "norm": rel(gemv(x, w_arg, norm=nw, eps=1e-5, config=cfg, **kw), F.linear(ref_rms_norm(x, nw, 1e-5), w)),
+        "act": rel(gemv(x2, wd_arg, act=True, config=cfg, **kwd), F.linear(F.silu(x2[:, :KI]) * x2[:, KI:], wd)),
+    }
+    out = res.clone()
+    errors["res"] = rel(gemv(x, w_arg, residual=out, out=out, config=cfg, **kw), res + F.linear(x, w))
+    assert max(errors.values()) < 1e-2, errors
+
+
+@cuda_only
+def test_norm_and_silu_kernels_at_llama_shapes():
+    from engine.runtime.cuda.kernels import rms_norm, silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(128, 4096, generator=g, device="cuda").to(torch.bfloat16)
+    w = torch.randn(4096, generator=g, device="cuda").to(torch.bfloat16)
+    ours, ref = rms_norm(x, w, 1e-5), ref_rms_norm(x, w, 1e-5)
+    assert (ours == ref).float().mean() > 0.99 and rel(ours, ref) < 1e-2
+    x2 = torch.randn(128, 2 * 11008, generator=g, device="cuda").to(torch.bfloat16)
+    ours, ref = silu_mul(x2), F.silu(x2[:, :11008]) * x2[:, 11008:]
+    assert (ours == ref).float().mean() > 0.99 and rel(ours, ref) < 1e-2

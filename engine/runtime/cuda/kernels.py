@@ -1,8 +1,9 @@
 """Triton kernels of the CUDA runtime.
 
-* `gemv`: y = x @ W.T for a few rows (decode at batch <= GEMV_MAX_ROWS), bandwidth-bound,
-  with optional fusions: RMSNorm of the input, SiLU(gate) * up of the input, a bias,
-  a residual add of the output, and FP8 (e4m3) weights with per-row scales.
+* `gemv`: y = x @ W.T for decode batches (<= SKINNY_MAX_ROWS rows), bandwidth-bound:
+  a tensor-core kernel that streams the weight through a software pipeline (or an FMA
+  loop for 1-4 rows), with optional fusions: RMSNorm of the input, SiLU(gate) * up of
+  the input, a bias, a residual add of the output, FP8 (e4m3) weights with per-row scales.
 * `rms_norm`, `silu_mul`: the same fused prologues, stand-alone for the cuBLAS path.
 * `rope_and_cache`: rotary embedding of q and k in place plus the K/V write into the paged
   cache, one launch per layer.
@@ -28,8 +29,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Decode batches up to this many rows go through `gemv`; more through cuBLAS.
-GEMV_MAX_ROWS = 4
+# Decode batches up to this many rows get the RMSNorm / SiLU * up fused into the projection
+# kernel (each program re-reads the whole input rows, cheap only for a few rows).
+FUSE_MAX_ROWS = 4
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -43,11 +45,26 @@ def _next_pow2(n: int) -> int:
 
 
 @triton.jit
+def _row_rstd(x_ptr, M, stride_x, eps, K: tl.constexpr, K_POW2: tl.constexpr, M_PAD: tl.constexpr,
+              ROWS: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of rows [0, min(M, ROWS)) as an [M_PAD] vector, each row
+    read in one load (all rows' loads in flight together)."""
+    k = tl.arange(0, K_POW2)
+    rm = tl.arange(0, M_PAD)
+    rstd = tl.zeros([M_PAD], dtype=tl.float32)
+    for m in tl.static_range(ROWS):
+        xv = tl.load(x_ptr + m * stride_x + k, mask=(k < K) & (m < M), other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=0) / K + eps)
+        rstd = tl.where(rm == m, r, rstd)
+    return rstd
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
                  M, N, stride_x, stride_out, stride_res, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, BIAS: tl.constexpr,
-                 FP8: tl.constexpr):
+                 FP8: tl.constexpr, K_POW2: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -58,18 +75,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     x_rows = x_ptr + rm[:, None] * stride_x
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
     if NORM:
-        ss = tl.zeros([M_PAD], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        rstd = _row_rstd(x_ptr, M, stride_x, eps, K, K_POW2, M_PAD, M_PAD)
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
         x_mask = m_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        # Each weight byte is read once: keep it out of the caches' way.
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
         if ACT:  # x holds [gate | up], each K wide: SiLU(gate) * up, rounded as torch does
             g = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
             u = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
@@ -95,36 +109,128 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     tl.store(out_ptr + rm[:, None] * stride_out + rn[None, :], y, mask=o_mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) per weight byte width; tuned on the H100 (bench/gpu_bench.py
-# --sweep prints the sweep). Overridable for experiments.
-GEMV_CONFIG = {2: (8, 512, 4), 1: (16, 512, 4)}
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
+                   M, N, stride_x, stride_out, stride_res, eps,
+                   K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   STAGES: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+                   BIAS: tl.constexpr, FP8: tl.constexpr, F32_DOT: tl.constexpr, K_POW2: tl.constexpr,
+                   NORM_ROWS: tl.constexpr):
+    """The same function as _gemv_kernel on the tensor cores: x rows padded to M_PAD (>= 16)
+    and the weight tiles streamed through a STAGES-deep software pipeline, which keeps
+    more bytes in flight per SM than the FMA loop does."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rm = tl.arange(0, M_PAD)
+    m_mask = rm < M
+    rk = tl.arange(0, BLOCK_K)
+    dt = out_ptr.dtype.element_ty
+    x_rows = x_ptr + rm[:, None] * stride_x
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    if NORM:  # whole rows in one load each (the caller fuses the norm for <= NORM_ROWS rows)
+        rstd = _row_rstd(x_ptr, M, stride_x, eps, K, K_POW2, M_PAD, NORM_ROWS)
+    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        kk = k0 + rk
+        k_mask = kk < K
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if ACT:
+            g = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            xv = (s * u).to(dt)
+        else:
+            xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+        if NORM:
+            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            xn = (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
+            xv = (xn * nw[None, :]).to(dt)
+        if F32_DOT:
+            acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            # FP8 e4m3 values are exact in bf16/fp16: the products stay exact.
+            acc = tl.dot(xv, tl.trans(w.to(dt)), acc)
+    y = acc
+    if FP8:
+        y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    if BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y.to(dt)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if RES:
+        r = tl.load(res_ptr + rm[:, None] * stride_res + rn[None, :], mask=o_mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+    tl.store(out_ptr + rm[:, None] * stride_out + rn[None, :], y, mask=o_mask)
+
+
+# Decode projections run through these kernels up to SKINNY_MAX_ROWS rows (cuBLAS or
+# _scaled_mm above). Config per (weight bytes per element, rows bucket):
+# ("fma", BLOCK_N, BLOCK_K, num_warps) for _gemv_kernel (rows <= 4 only) or
+# ("dot", BLOCK_N, BLOCK_K, num_warps, stages) for _skinny_kernel. From the H100 sweeps
+# of bench/gpu_bench.py --sweep (docs/benchmarks.md): at 1 row the two kernels stream the
+# weights equally fast (about 2.0 to 2.5 TB/s), but in the model, with the RMSNorm
+# prologue, the FMA kernel's step was 10% (bf16) and 40% (FP8) shorter.
+SKINNY_MAX_ROWS = 64
+# Largest row count sent to the Triton kernels, per weight bytes per element (above it:
+# cuBLAS for bf16, torch._scaled_mm for FP8). At 32 rows cuBLAS matched the tensor-core
+# kernel in bf16 (and beat it on the down projection); _scaled_mm with row-wise scales
+# was 1.7 to 8x slower than the FP8 kernel.
+SKINNY_ROWS = {2: 16, 1: 64}
+GEMV_CONFIG = {
+    (2, 4): ("fma", 8, 1024, 4), (1, 4): ("fma", 8, 1024, 4),
+    (2, 16): ("dot", 32, 256, 4, 4), (1, 16): ("dot", 16, 256, 4, 4),
+    (2, 32): ("dot", 32, 256, 4, 4), (1, 32): ("dot", 16, 256, 4, 4),
+    (2, 64): ("dot", 32, 256, 4, 4), (1, 64): ("dot", 16, 256, 4, 4),
+}
+
+
+def rows_bucket(rows: int) -> int:
+    return max(16, _next_pow2(rows))
+
+
+def config_key(rows: int, fp8: bool) -> tuple[int, int]:
+    return (1 if fp8 else 2, FUSE_MAX_ROWS if rows <= FUSE_MAX_ROWS else rows_bucket(rows))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None, norm: torch.Tensor | None = None,
          eps: float = 1e-6, act: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """y = f(x) @ w.T (+ bias) (+ residual) for x [M <= GEMV_MAX_ROWS, K or 2K].
+         out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """y = f(x) @ w.T (+ bias) (+ residual) for a few rows x [M <= SKINNY_MAX_ROWS, K or 2K].
 
     w: [N, K] in the activation dtype, or float8_e4m3fn with `scale` [N] float32 per row.
     norm: RMSNorm weight applied to x first; act: x is [gate | up] and f is SiLU(gate) * up.
     residual: added after rounding (out may be the residual itself)."""
     M = x.shape[0]
     N, K = w.shape
-    assert x.stride(-1) == 1 and w.is_contiguous()
+    assert x.stride(-1) == 1 and w.is_contiguous() and M <= SKINNY_MAX_ROWS
+    if M > FUSE_MAX_ROWS:  # prologues are fused for a few rows only
+        if norm is not None:
+            x, norm = rms_norm(x, norm, eps), None
+        if act:
+            x, act = silu_mul(x), False
     fp8 = w.dtype == torch.float8_e4m3fn
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or GEMV_CONFIG[1 if fp8 else 2]
-    block_k = min(block_k, _next_pow2(K))
+    config = config or GEMV_CONFIG[config_key(M, fp8)]
+    kind, block_n, block_k, warps = config[:4]
+    block_k = min(block_k, max(16, _next_pow2(K)))
     dummy = out
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, w, out, residual if residual is not None else dummy, norm if norm is not None else dummy,
-        bias if bias is not None else dummy, scale if scale is not None else dummy,
-        M, N, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, eps,
-        K=K, M_PAD=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k,
-        NORM=norm is not None, ACT=act, RES=residual is not None, BIAS=bias is not None, FP8=fp8,
-        num_warps=warps,
-    )
+    args = (x, w, out, residual if residual is not None else dummy, norm if norm is not None else dummy,
+            bias if bias is not None else dummy, scale if scale is not None else dummy,
+            M, N, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, eps)
+    flags = dict(NORM=norm is not None, ACT=act, RES=residual is not None, BIAS=bias is not None, FP8=fp8)
+    grid = (triton.cdiv(N, block_n),)
+    if kind == "fma" and M <= 4:
+        _gemv_kernel[grid](*args, K=K, M_PAD=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, **flags,
+                           K_POW2=_next_pow2(K), num_warps=warps)
+    else:
+        f32 = INTERPRET or x.dtype == torch.float32
+        stages = config[4] if kind == "dot" else 3
+        _skinny_kernel[grid](*args, K=K, M_PAD=rows_bucket(M), BLOCK_N=max(16, block_n), BLOCK_K=block_k,
+                             STAGES=stages, **flags, F32_DOT=f32, K_POW2=_next_pow2(K), NORM_ROWS=FUSE_MAX_ROWS,
+                             num_warps=warps)
     return out
 
 
@@ -381,5 +487,5 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
-__all__ = ["GEMV_MAX_ROWS", "decode_splits", "gemv", "num_sms", "paged_decode_attention", "rms_norm",
-           "rope_and_cache", "silu_mul"]
+__all__ = ["FUSE_MAX_ROWS", "SKINNY_MAX_ROWS", "decode_splits", "gemv", "num_sms", "paged_decode_attention",
+           "rms_norm", "rope_and_cache", "silu_mul"]

@@ -3,8 +3,8 @@
 The same function as engine/models/llama.py (fused q|k|v with rope-interleaved q/k
 rows, fused gate|up, transformers' bf16 rounding order), with the per-layer work in
 few launches: each projection is one cuBLAS GEMM or, at decode batch sizes, one Triton
-GEMV that also does the RMSNorm before it, the SiLU * up before it or the residual add
-after it; rope and the K/V cache write are one kernel; decode attention is one Triton
+kernel that also adds the residual after it (and, for a few rows, does the RMSNorm or
+the SiLU * up before it); rope and the K/V cache write are one kernel; decode attention is one Triton
 kernel (plus a combine when the context is split). Every decode-path op has static
 shapes for a given batch bucket, so the step can be captured in a CUDA graph.
 """
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from engine.models.rope import interleave_rope_rows, inv_freq
 from engine.models.weights import MissingWeightError
 from engine.runtime.base import ModelSpec
+from engine.runtime.cuda import kernels
 from engine.runtime.cuda.fp8 import Fp8Weight, quantize_rows, scaled_mm_linear
-from engine.runtime.cuda.kernels import GEMV_MAX_ROWS, gemv, paged_decode_attention, rms_norm, rope_and_cache, silu_mul
+from engine.runtime.cuda.kernels import gemv, paged_decode_attention, rms_norm, rope_and_cache, silu_mul
 
 
 @dataclass
@@ -125,7 +126,7 @@ class CudaLlama:
                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """f(x) @ w.T (+ bias) (+ residual, in place), f = RMSNorm(norm) or SiLU(gate) * up."""
         rows = x.shape[0]
-        if 0 < rows <= GEMV_MAX_ROWS:
+        if 0 < rows <= kernels.SKINNY_ROWS.get(1 if isinstance(w, Fp8Weight) else w.element_size(), 64):
             q, scale = (w.q, w.scale) if isinstance(w, Fp8Weight) else (w, None)
             return gemv(x, q, scale=scale, norm=norm, eps=self.eps, act=act, bias=bias, residual=residual,
                         out=residual)
