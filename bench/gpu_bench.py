@@ -83,10 +83,12 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 
 def hf_model(shape: dict):
     """transformers' Llama with its own random init (std 0.02), built on the GPU in bf16,
-    with the residual branches' output projections (o, down) scaled by 1/sqrt(2 layers) as
-    GPT-2 initialises them. Unscaled, 32 random layers are chaotic: transformers' own bf16
-    logits move by ~7% between its sdpa and eager attention (measured here), which drowns
-    any comparison."""
+    then conditioned like a trained model's residual stream: embeddings of std 1 and the
+    residual branches' output projections (o, down) scaled by 1/sqrt(2 layers) as GPT-2
+    initialises them. With the plain init the 32 random layers are chaotic: transformers'
+    own bf16 logits moved by 7.5% between its sdpa and eager attention (top-1 agreement
+    0.86), against 2.4% (0.95) conditioned (measured on the H100), and any comparison
+    drowns in that."""
     import transformers
 
     config = transformers.LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
@@ -95,6 +97,7 @@ def hf_model(shape: dict):
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0)
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_((2 * shape["num_hidden_layers"]) ** -0.5)
             layer.mlp.down_proj.weight.mul_((2 * shape["num_hidden_layers"]) ** -0.5)
@@ -111,14 +114,15 @@ def random_weights(shape: dict, std: float = 0.02) -> dict[str, torch.Tensor]:
     def rnd(*s):
         return torch.empty(*s, dtype=torch.bfloat16, device="cuda").normal_(0, std, generator=g)
 
-    w = {"model.embed_tokens.weight": rnd(V, H), "lm_head.weight": rnd(V, H),
+    w = {"model.embed_tokens.weight": rnd(V, H) * (1.0 / std), "lm_head.weight": rnd(V, H),
          "model.norm.weight": torch.ones(H, dtype=torch.bfloat16, device="cuda")}
+    branch = (2 * L) ** -0.5  # as hf_model conditions them
     for i in range(L):
         p = f"model.layers.{i}."
         w.update({p + "self_attn.q_proj.weight": rnd(H, H), p + "self_attn.k_proj.weight": rnd(KV, H),
-                  p + "self_attn.v_proj.weight": rnd(KV, H), p + "self_attn.o_proj.weight": rnd(H, H),
+                  p + "self_attn.v_proj.weight": rnd(KV, H), p + "self_attn.o_proj.weight": rnd(H, H) * branch,
                   p + "mlp.gate_proj.weight": rnd(inter, H), p + "mlp.up_proj.weight": rnd(inter, H),
-                  p + "mlp.down_proj.weight": rnd(H, inter),
+                  p + "mlp.down_proj.weight": rnd(H, inter) * branch,
                   p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16, device="cuda"),
                   p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16, device="cuda")})
     return w
@@ -560,6 +564,30 @@ def step_time(runtime, label, rows_list=(1, 32)):
         sync()
         return (time.perf_counter() - start) / n * 1e6
 
+    try:  # where one batch-1 step's GPU time goes (eager run of the same static step)
+        from torch.profiler import ProfilerActivity, profile
+
+        runtime._ctx[:1].fill_(256)
+        runtime._slots[:1].fill_(-1)
+        with torch.inference_mode():
+            runtime._static_step(1)
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runtime._static_step(1)
+                sync()
+        runtime._ctx[:1].zero_()
+        groups: dict[str, float] = {}
+        for evt in prof.key_averages():
+            name = evt.key
+            key = ("gemv" if "gemv" in name or "skinny" in name else "attention" if "paged_decode" in name
+                   else "attention combine" if "combine" in name else "rope+cache" if "rope" in name
+                   else "other")
+            groups[key] = groups.get(key, 0.0) + evt.device_time_total
+        total = sum(groups.values())
+        say(f"{label}: batch-1 kernel time by kind (eager run, us): "
+            + ", ".join(f"{k} {v:.0f} ({v / total:.0%})" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
+    except Exception as exc:
+        say(f"profiler breakdown unavailable: {exc!r}")
     pinned = host_us(lambda: torch.tensor(values).pin_memory().to("cuda", non_blocking=True))
     plain = host_us(lambda: torch.tensor(values, device="cuda"))
     say(f"host: 300 ints to the GPU via pinned non-blocking copy {pinned:.0f} us, blocking copy {plain:.0f} us")

@@ -105,17 +105,19 @@ def test_repeated_prompt_reports_prefix_hits_and_same_tokens(tiny_llama):
 
 
 def test_full_queue_is_refused_quickly(tiny_llama):
-    engine = AsyncEngine.from_pretrained(tiny_llama, num_kv_blocks=64, block_size=4, max_num_seqs=1, max_waiting_requests=2)
+    engine = AsyncEngine.from_pretrained(tiny_llama, num_kv_blocks=256, block_size=4, max_num_seqs=1, max_waiting_requests=2)
 
     async def main():
-        admitted = [asyncio.ensure_future(collect(engine, greedy_request(engine, PROMPTS[0], 30))) for _ in range(3)]
-        await asyncio.sleep(0.05)  # all three are submitted; one runs, two wait
+        # Long enough that none can finish before the fourth call (400 tokens each, one at a time).
+        admitted = [asyncio.ensure_future(collect(engine, greedy_request(engine, PROMPTS[0], 400))) for _ in range(3)]
+        while engine.stats().waiting < 2:  # all three are submitted; one runs, two wait
+            await asyncio.sleep(0.001)
         started = time.monotonic()
         with pytest.raises(QueueFullError):
             await engine.generate(greedy_request(engine, PROMPTS[0], 5)).__anext__()
         elapsed = time.monotonic() - started
         results = await asyncio.gather(*admitted)  # the admitted calls still finish
-        assert all(len(tokens) == 30 for tokens, _ in results)
+        assert all(len(tokens) == 400 for tokens, _ in results)
         await wait_idle(engine)
         return elapsed
 
