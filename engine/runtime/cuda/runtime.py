@@ -174,8 +174,8 @@ class CudaRuntime(ModelRuntime):
 
     def _capture(self, rows: int) -> None:
         start = time.perf_counter()
-        # Padding rows only write nothing, so the warm-up run (kernel compilation) and the
-        # capture leave the cache untouched whatever the buffers' first rows hold.
+        # With every row made padding (slot -1, empty context) the warm-up run (kernel
+        # compilation) writes nothing into the cache; the real rows come back after.
         saved = self._slots[:rows].clone(), self._ctx[:rows].clone()
         self._slots[:rows].fill_(-1)
         self._ctx[:rows].zero_()
