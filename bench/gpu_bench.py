@@ -151,7 +151,8 @@ def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=Non
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
 
-    config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs)
+    buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < 2 * max_num_seqs)
+    config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets)
     max_model_len = max_model_len or spec.max_position_embeddings
     runtime = CudaRuntime(spec, weights, torch.bfloat16, "cuda", use_fp8=fp8, config=config,
                           max_model_len=max_model_len)
@@ -373,10 +374,13 @@ def gemv_sweep():
     from engine.runtime.cuda import kernels
 
     dot = lambda bn, bk, st: ("dot", bn, bk, 4, st)  # noqa: E731
-    grids = {1: [dot(bn, bk, st) for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4, 6)]
-             + [("fma", 8, 1024, 4), ("fma", 4, 1024, 4)],
+    # FMA tiles: more bytes per program in flight (FP8 moves half the bytes per element,
+    # so it wants twice the elements per tile) against register pressure.
+    fma = [("fma", bn, bk, w) for bn, bk, w in ((4, 1024, 4), (8, 1024, 4), (8, 2048, 4), (8, 2048, 8),
+                                                (16, 1024, 8), (16, 2048, 8), (4, 4096, 8), (32, 512, 8))]
+    grids = {1: [dot(bn, bk, st) for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4, 6)] + fma,
              32: [dot(bn, bk, 4) for bn in (16, 32, 64) for bk in (128, 256)]}
-    weights = {name: _Weights(*SWEEP_SHAPES[name]) for name in ("qkv", "down")}
+    weights = {name: _Weights(*SWEEP_SHAPES[name]) for name in ("qkv", "o", "down")}
     chosen = {}
     for kind in ("bf16", "fp8"):
         for rows, grid in grids.items():
@@ -389,7 +393,7 @@ def gemv_sweep():
             totals.sort()
             best = totals[0][1]
             chosen[(kind, rows)] = best
-            nbytes = sum(N * K for N, K in (SWEEP_SHAPES["qkv"], SWEEP_SHAPES["down"])) * (2 if kind == "bf16" else 1)
+            nbytes = sum(N * K for N, K in map(SWEEP_SHAPES.get, weights)) * (2 if kind == "bf16" else 1)
             say(f"{kind} rows {rows}: best {best} {nbytes / totals[0][0] / 1e9:.2f} TB/s; next "
                 + ", ".join(f"{c} {nbytes / t / 1e9:.2f}" for t, c in totals[1:4]))
             width = 2 if kind == "bf16" else 1
@@ -526,6 +530,52 @@ def check_fp8(runtime_bf16, runtime_fp8):
     RESULTS["fp8_rel_err"], RESULTS["fp8_top1"], RESULTS["fp8_top1_decode"] = err, top1, top1_dec
 
 
+def _graph_step_ms(runtime, rows: int) -> float:
+    """GPU time of one captured decode step of `rows` rows at 256-token contexts."""
+    from triton.testing import do_bench
+
+    if rows not in runtime._graphs:
+        runtime._capture(rows)
+    runtime._ctx[:rows].fill_(256)
+    runtime._tables[:rows, :16] = torch.arange(16, device="cuda")
+    runtime._slots[:rows].fill_(-1)
+    ms = do_bench(runtime._graphs[rows][0].replay, warmup=10, rep=100, return_mode="median")
+    runtime._ctx[:rows].zero_()
+    return ms
+
+
+# Batch-1 projection configs tried inside the model (the isolated sweep misses the fused
+# RMSNorm / SiLU prologues and the back-to-back launches of a real step).
+# An earlier run of this script (docs/benchmarks.md) found the unpipelined FMA tiles
+# 4 to 12% slower than these pipelined ones.
+IN_MODEL_CANDIDATES = {
+    2: [("fma", 8, 1024, 4, 2), ("fma", 8, 1024, 4, 3), ("fma", 8, 512, 4, 3), ("fma", 8, 512, 4, 4),
+        ("fma", 4, 1024, 4, 3), ("fma", 4, 1024, 4, 4), ("fma", 16, 512, 4, 3)],
+    1: [("fma", 8, 1024, 4, 3), ("fma", 8, 1024, 4, 4), ("fma", 8, 1024, 4, 5), ("fma", 16, 512, 4, 3),
+        ("fma", 16, 512, 4, 4), ("fma", 8, 2048, 4, 3), ("fma", 4, 2048, 4, 3), ("fma", 16, 1024, 4, 3)],
+}
+
+
+@section("batch-1 projection config, in the model")
+def tune_in_model(runtime, label):
+    from engine.runtime.cuda import kernels
+
+    width = 1 if runtime.fp8_enabled else 2
+    timed = []
+    for cfg in IN_MODEL_CANDIDATES[width]:
+        kernels.GEMV_CONFIG[(width, 4)] = cfg
+        runtime._graphs.clear()
+        try:
+            timed.append((_graph_step_ms(runtime, 1), cfg))
+        except Exception as exc:  # e.g. too many registers for a tile
+            say(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
+    timed.sort()
+    kernels.GEMV_CONFIG[(width, 4)] = timed[0][1]
+    runtime._graphs.clear()
+    say(f"{label} batch-1 step (us) by config: " + ", ".join(f"{c} {t * 1e3:.0f}" for t, c in timed))
+    RESULTS[f"in_model_b1_{label}"] = [(round(t * 1e3), c) for t, c in timed]
+
+
 @section("GPU time of one decode step (graph replay)")
 def step_time(runtime, label, rows_list=(1, 32)):
     from triton.testing import do_bench
@@ -633,11 +683,12 @@ def profile_steps(engine, prompts, new_tokens, max_model_len):
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(llm_engine, "build_forward_batch", "build batch")
     wrap(engine.runtime, "execute", "execute (launch)")
-    wrap(engine.sampler, "sample", "sample (+GPU wait)")
+    wrap(engine.sampler, "launch", "sample launch")
+    wrap(engine.sampler, "results", "read back (GPU wait)")
     wrap(engine.scheduler, "update_from_output", "update")
     steps0 = engine.steps_total
     try:
-        elapsed, _ = run_offline(engine, prompts, new_tokens, max_model_len)
+        elapsed, outs = run_offline(engine, prompts, new_tokens, max_model_len)
     finally:
         for owner, name, fn in reversed(patched):
             if owner is llm_engine:
@@ -647,6 +698,7 @@ def profile_steps(engine, prompts, new_tokens, max_model_len):
     steps = engine.steps_total - steps0
     parts = ", ".join(f"{k} {v / steps * 1e6:.0f}" for k, v in timers.items())
     say(f"  per step (us, {steps} steps): total {elapsed / steps * 1e6:.0f}; {parts}")
+    return elapsed, outs
 
 
 @section("ours")
@@ -666,31 +718,79 @@ def bench_ours(engine, label, batch, new_tokens=256, prompt_len=128, max_model_l
     profile_steps(engine, prompts_for(batch, prompt_len, 32000, seed=seed + 50), 64, max_model_len)
 
 
+def profile_decode_steps(engine, vocab: int, rows: int, max_model_len: int, steps: int = 5) -> None:
+    """Where the host and the GPU spend a decode step of `rows` sequences (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.sequence import Request
+
+    params = greedy_params(128, 64, max_model_len)
+    for i, p in enumerate(prompts_for(rows, 128, vocab, seed=99)):
+        engine.add_request(Request(f"prof{i}", list(p), params, lambda out: None))
+    for _ in range(40):  # through the prefills, into steady decoding
+        engine.step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    events = prof.key_averages()
+    cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    say(f"  {rows}-row decode steps, host self time per step (us): "
+        + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / steps:.0f}" for e in cpu))
+    groups: dict[str, float] = {}
+    for e in events:
+        if e.self_device_time_total <= 0:  # host-side ops: their kernels are counted as themselves
+            continue
+        name = e.key
+        key = ("gemm" if "gemm" in name or "cutlass" in name or "sm90" in name or "nvjet" in name
+               else "gemv" if "gemv" in name or "skinny" in name else "attention" if "paged_decode" in name
+               else "combine" if "combine" in name else "rope+cache" if "rope" in name
+               else "memcpy" if "Memcpy" in name else "other")
+        groups[key] = groups.get(key, 0.0) + e.self_device_time_total
+    say(f"  {rows}-row decode steps, GPU time per step (us): "
+        + ", ".join(f"{k} {v / steps:.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
+    engine.abort_all()
+    while engine.has_work:
+        engine.step()
+
+
 @section("Llama-3-8B shape offline throughput")
-def bench_offline(requests: int, new_tokens=128, prompt_len=128):
+def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256):
+    label = f"{'fp8' if fp8 else 'bf16'}_seqs{max_num_seqs}"
     free_memory()
     spec = spec_for(LLAMA3_8B)
     weights = random_weights(LLAMA3_8B)
-    runtime, config, max_model_len = make_runtime(spec, weights, max_num_seqs=256, max_model_len=4096)
+    runtime, config, max_model_len = make_runtime(spec, weights, fp8=fp8, max_num_seqs=max_num_seqs,
+                                                  max_model_len=4096)
     del weights
     free_memory()
     free_before = torch.cuda.mem_get_info()[0]
     engine, blocks = make_engine(runtime, config, max_model_len, max_num_batched_tokens=4096)
     per_block = runtime.kv_cache_bytes_per_block(config.block_size)
-    say(f"weights {runtime.model.weight_bytes() / 1e9:.2f} GB; {runtime.kv_pool_report}")
-    RESULTS["kv_pool_8b"] = {"blocks": blocks, "gib": blocks * per_block / 2**30, "free_gib": free_before / 2**30}
+    say(f"{label}: weights {runtime.model.weight_bytes() / 1e9:.2f} GB; {runtime.kv_pool_report}")
+    RESULTS[f"kv_pool_8b_{label}"] = {"blocks": blocks, "gib": blocks * per_block / 2**30,
+                                      "free_gib": free_before / 2**30}
     prompts = prompts_for(requests, prompt_len, LLAMA3_8B["vocab_size"], seed=7)
-    warm = prompts_for(256, prompt_len, LLAMA3_8B["vocab_size"], seed=8)
+    warm = prompts_for(max_num_seqs, prompt_len, LLAMA3_8B["vocab_size"], seed=8)
     run_offline(engine, warm, 4, max_model_len)  # warm-up: kernels
     runtime.capture_all()
     say(f"graphs for buckets {runtime.buckets} captured in {runtime.capture_seconds:.1f} s")
-    elapsed, outs = run_offline(engine, prompts, new_tokens, max_model_len)
+    elapsed, outs = profile_steps(engine, prompts, new_tokens, max_model_len)
     assert all(len(o) == new_tokens for o in outs)
     rate = requests * new_tokens / elapsed
-    RESULTS["offline_8b"] = {"requests": requests, "seconds": elapsed, "output_tok_s": rate,
-                             "total_tok_s": requests * (new_tokens + prompt_len) / elapsed}
-    say(f"{requests} requests x ({prompt_len} in, {new_tokens} out): {elapsed:.2f} s, {rate:.0f} output tok/s, "
-        f"{requests * (new_tokens + prompt_len) / elapsed:.0f} total tok/s")
+    RESULTS[f"offline_8b_{label}"] = {"requests": requests, "seconds": elapsed, "output_tok_s": rate,
+                                      "total_tok_s": requests * (new_tokens + prompt_len) / elapsed}
+    say(f"{label}: {requests} requests x ({prompt_len} in, {new_tokens} out): {elapsed:.2f} s, {rate:.0f} output "
+        f"tok/s, {requests * (new_tokens + prompt_len) / elapsed:.0f} total tok/s")
+    try:
+        step_ms = _graph_step_ms(runtime, max_num_seqs)
+        say(f"  graph replay of one {max_num_seqs}-row decode step (256-token contexts): {step_ms * 1e3:.0f} us")
+        profile_decode_steps(engine, LLAMA3_8B["vocab_size"], max_num_seqs, max_model_len)
+    except Exception as exc:
+        say(f"  decode-step profile unavailable: {exc!r}")
+    del engine, runtime
+    free_memory()
 
 
 def summary():
@@ -723,6 +823,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time GEMV tile configs first")
     ap.add_argument("--offline-requests", type=int, default=1000, help="Llama-3-8B run; 0 skips it")
     ap.add_argument("--skip-hf-bench", action="store_true")
+    ap.add_argument("--only-offline", action="store_true", help="only the Llama-3-8B throughput runs")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -731,6 +832,12 @@ def main():
 
     environment()
     bandwidth()
+    if args.only_offline:
+        for fp8, seqs in ((False, 256), (True, 256), (True, 512)):
+            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs)
+        (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")
+        return
     if args.sweep:
         gemv_sweep()
     free_memory()
@@ -742,6 +849,7 @@ def main():
         engine, _ = make_engine(runtime, config, max_model_len, num_blocks=1000)
         check_logits(hf, runtime)
         check_graphs(runtime)
+        tune_in_model(runtime, "bf16")
         step_time(runtime, "bf16")
     built8 = build_ours(hf, fp8=True)
     runtime8 = engine8 = None
@@ -749,6 +857,7 @@ def main():
         runtime8, config8, _ = built8
         engine8, _ = make_engine(runtime8, config8, max_model_len, num_blocks=800)
         check_fp8(runtime, runtime8)
+        tune_in_model(runtime8, "fp8")
         step_time(runtime8, "fp8")
     if not args.skip_hf_bench:
         bench_hf(hf, 1)
@@ -765,7 +874,8 @@ def main():
     hf = engine = built = built8 = runtime = runtime8 = engine8 = None  # noqa: F841 (free the 7B models)
     free_memory()
     if args.offline_requests:
-        bench_offline(args.offline_requests)
+        for fp8, seqs in ((False, 256), (True, 256), (False, 512), (True, 512)):
+            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs)
         summary()
     (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")

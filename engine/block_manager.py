@@ -163,11 +163,14 @@ class BlockManager:
 
     # ---- prefix registration ----------------------------------------------------------
     def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
-        """Hash the blocks that became full and computed, making them reusable."""
+        """Hash the blocks that became full and computed, making them reusable.
+
+        A block whose last token is still in flight (computed, id not yet read back)
+        waits for the next call: its hash needs every token."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(num_computed // bs, len(table.blocks))
+        full = min(min(num_computed, len(token_ids)) // bs, len(table.blocks))
         for i in range(table.num_hashed, full):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(table.last_hash, tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
     runtime.init_kv_cache(blocks, config.block_size)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, config.block_size,
                 blocks * runtime.kv_cache_bytes_per_block(config.block_size) / 2**20)
+    if config.capture_graphs_at_start:
+        began = time.monotonic()
+        runtime.warm_up()  # before the step loop's thread starts using the device
+        logger.info("runtime warm-up (CUDA graphs) took %.1f s", time.monotonic() - began)
 
     gen_path = folder / "generation_config.json"
     defaults = json.loads(gen_path.read_text()) if gen_path.is_file() else {}

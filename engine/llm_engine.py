@@ -13,11 +13,11 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError
-from engine.model_runner import build_forward_batch
+from engine.model_runner import InflightTokens, build_forward_batch
 from engine.outputs import RequestOutput
 from engine.params import SamplingParams
 from engine.runtime.base import ModelRuntime
-from engine.sampling.sampler import Sampler, SampleRow, make_generator
+from engine.sampling.sampler import PendingSamples, Sampler, SampleRow, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput, StepSamples
 from engine.sequence import Request
 from engine.text import TextLayer
@@ -35,6 +35,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.steps_total = 0
+        self._inflight: _LaunchedStep | None = None  # launched, samples not read back yet
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if not params.do_sample or params.use_beam_search:
@@ -56,68 +57,102 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         self._deliver(self.scheduler.abort_all())
+        self._inflight = None  # its requests are finished: nothing reads its samples
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one forward pass, then read back the samples of the step
+        launched before it (overlap) or of this one (when it must be read at once).
+
+        With overlap the host schedules and launches step N+1 while the device still
+        runs step N; the device runs the steps in order, so step N's samples are ready
+        by the time N+1's launch returns, and step N+1 already read its decode rows'
+        input tokens from step N's samples on the device."""
         # 1. Decide what runs.
         out = self.scheduler.schedule()
         outputs = list(out.outputs)
-        if out.scheduled:
-            try:
-                # 2. Run the model over the packed batch.
-                if out.copies:
-                    self.runtime.copy_blocks(out.copies)
-                batch = build_forward_batch(out, self.config.block_size, self.runtime.device)
-                logits = self.runtime.execute(batch)
-                # 3. Pick next tokens (and beam steps).
-                samples = self._sample(out, logits)
-            except EngineDeadError:  # the runtime cannot run another step (a tensor-parallel rank died)
-                raise
-            except Exception as exc:  # a failed step fails its own requests only
-                logger.exception("model step failed for requests %s", [r.request_id for r in out.requests])
-                outputs = outputs + self.scheduler.fail(out.requests, f"model step failed: {exc!r}")
+        launched = self._launch(out, outputs) if out.scheduled else None
+        # 4. Update request state from the previous step's samples, then this one's if it
+        # cannot stay in flight.
+        if self._inflight is not None:
+            previous, self._inflight = self._inflight, None
+            outputs += self._update(previous)
+        if launched is not None:
+            if self.config.overlap_steps and not launched.needs_host_tokens:
+                self._inflight = launched
             else:
-                # 4. Update request state: the only place it changes.
-                outputs = outputs + self.scheduler.update_from_output(out, samples)
+                outputs += self._update(launched)
         self.steps_total += 1
         # 5. Hand the outputs to their requests' sinks.
         self._deliver(outputs)
         return outputs
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> StepSamples:
-        samples = StepSamples()
+    def _launch(self, out: SchedulerOutput, outputs: list[RequestOutput]) -> "_LaunchedStep | None":
+        try:
+            # 2. Run the model over the packed batch.
+            if out.copies:
+                self.runtime.copy_blocks(out.copies)
+            inflight = self._inflight.device_tokens if self._inflight is not None else None
+            batch = build_forward_batch(out, self.config.block_size, self.runtime.device, inflight)
+            logits = self.runtime.execute(batch)
+            # 3. Queue the choice of next tokens (and beam steps).
+            launched = self._sample(out, logits)
+        except EngineDeadError:  # the runtime cannot run another step (a tensor-parallel rank died)
+            raise
+        except Exception as exc:  # a failed step fails its own requests only
+            logger.exception("model step failed for requests %s", [r.request_id for r in out.requests])
+            outputs += self.scheduler.fail(out.requests, f"model step failed: {exc!r}")
+            return None
+        self.scheduler.commit(out)
+        return launched
+
+    def _update(self, launched: "_LaunchedStep") -> list[RequestOutput]:
+        try:
+            samples = launched.samples()
+        except EngineDeadError:
+            raise
+        except Exception as exc:
+            logger.exception("sampling failed for requests %s", [r.request_id for r in launched.out.requests])
+            return self.scheduler.fail(launched.out.requests, f"model step failed: {exc!r}")
+        return self.scheduler.update_from_output(launched.out, samples)
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> "_LaunchedStep":
         rows: list[SampleRow] = []
         row_logits: list[int] = []
         row_owner: list[int] = []
         beam_rows: dict[str, list[tuple[int, int]]] = {}
+        needs_host_tokens = False
         sampled = [s for s in out.scheduled if s.sample]
         for logits_row, s in enumerate(sampled):
             request, seq = s.request, s.seq
+            needs_host_tokens = needs_host_tokens or _needs_host_tokens(request)
             if request.beam_search is not None:
                 beam_rows.setdefault(request.request_id, []).append((request.seqs.index(seq), logits_row))
                 continue
             # A request's first token is drawn once per output sequence from the same logits.
             generators = request.generators if not request.forked else [seq.generator]
+            # The token in flight (if any) is generated too: min_new_tokens counts it.
+            generated = seq.num_generated + seq.num_inflight
             for generator in generators:
-                rows.append(SampleRow(request.params, seq.token_ids, seq.num_generated, generator))
+                rows.append(SampleRow(request.params, seq.token_ids, generated, generator))
                 row_logits.append(logits_row)
                 row_owner.append(seq.seq_id)
+        pending = None
         if rows:
             # Indexing by a Python list copies the index to the device, which waits for it;
             # the usual step samples every row once, in order, and needs no gather.
             identity = len(row_logits) == logits.shape[0] and row_logits == list(range(len(row_logits)))
-            results = self.sampler.sample(logits if identity else logits[row_logits], rows)
-            for seq_id, result in zip(row_owner, results):
-                samples.tokens.setdefault(seq_id, []).append(result)
+            pending = self.sampler.launch(logits if identity else logits[row_logits], rows)
+        beams = {}
         for request_id, pairs in beam_rows.items():
             pairs.sort()
             beam_logits = logits[[row for _, row in pairs]]
-            samples.beams[request_id] = self.requests[request_id].beam_search.step(beam_logits)
-        return samples
+            beams[request_id] = self.requests[request_id].beam_search.step(beam_logits)
+        return _LaunchedStep(out, self.sampler, pending, row_owner, beams, needs_host_tokens)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -127,3 +162,33 @@ class LLMEngine:
             if output.finished:
                 del self.requests[output.request_id]
             request.sink(output)
+
+
+def _needs_host_tokens(request: Request) -> bool:
+    """Whether the request's next step needs this step's tokens on the host: beam steps,
+    a first token that forks the request, and penalties that read the token history."""
+    params = request.params
+    return (request.beam_search is not None or (not request.forked and params.num_return_sequences > 1)
+            or params.repetition_penalty != 1.0 or params.no_repeat_ngram_size > 0)
+
+
+class _LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device."""
+
+    def __init__(self, out: SchedulerOutput, sampler: Sampler, pending: PendingSamples | None, row_owner: list[int],
+                 beams: dict, needs_host_tokens: bool):
+        self.out = out
+        self.needs_host_tokens = needs_host_tokens
+        self._sampler, self._pending, self._row_owner, self._beams = sampler, pending, row_owner, beams
+        rows: dict[int, int] = {}
+        for row, seq_id in enumerate(row_owner):
+            rows.setdefault(seq_id, row)
+        self.device_tokens = InflightTokens(pending.tokens, rows) if pending is not None else None
+
+    def samples(self) -> StepSamples:
+        """Wait for the step's samples; the only wait on the device."""
+        samples = StepSamples(beams=self._beams)
+        if self._pending is not None:
+            for seq_id, result in zip(self._row_owner, self._sampler.results(self._pending)):
+                samples.tokens.setdefault(seq_id, []).append(result)
+        return samples

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 
 from engine.runtime.base import ForwardBatch
 from engine.scheduler import SchedulerOutput
 
 
-def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
+@dataclass
+class InflightTokens:
+    """The tokens a launched step sampled, still on the device."""
+
+    tokens: torch.Tensor  # [rows] int64
+    rows: dict[int, int]  # seq_id -> its row in `tokens`
+
+
+def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.device,
+                        inflight: InflightTokens | None = None) -> ForwardBatch:
+    """A sequence whose last token is still in flight gets it from `inflight.tokens`
+    by a copy on the device: the host never waits for it."""
     input_ids: list[int] = []
+    feed_to: list[int] = []
+    feed_from: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     logits_indices: list[int] = []
@@ -19,30 +35,50 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
     for i, s in enumerate(out.scheduled):
         seq = s.seq
         start, end = seq.num_computed, seq.num_computed + s.num_tokens
-        query_start = len(input_ids)
         blocks = seq.table.blocks
-        input_ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
-        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
-        if i < out.num_decodes:
+        if i < out.num_decodes:  # one token: the common case, kept short
+            if start < len(seq.token_ids):
+                input_ids.append(seq.token_ids[start])
+            else:  # the token is in flight
+                feed_to.append(len(input_ids))
+                feed_from.append(_inflight_row(inflight, seq.seq_id))
+                input_ids.append(0)
+            positions.append(start)
+            slots.append(blocks[start // block_size] * block_size + start % block_size)
             decode_tables.append(blocks)
             decode_lens.append(end)
-        else:
-            prefill_chunks.append((query_start, s.num_tokens, end, blocks))
+            if s.sample:
+                logits_indices.append(len(input_ids) - 1)
+            continue
+        query_start = len(input_ids)
+        known = seq.token_ids[start:end]
+        input_ids.extend(known)
+        if len(known) < s.num_tokens:  # the last position's token is in flight
+            feed_to.append(len(input_ids))
+            feed_from.append(_inflight_row(inflight, seq.seq_id))
+            input_ids.append(0)
+        positions.extend(range(start, end))
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+        prefill_chunks.append((query_start, s.num_tokens, end, blocks))
         if s.sample:
             logits_indices.append(len(input_ids) - 1)
 
     width = max((len(t) for t in decode_tables), default=0)
-    flat_tables = [b for t in decode_tables for b in t + [0] * (width - len(t))]
-    parts = [input_ids, positions, slots, flat_tables, decode_lens, logits_indices]
+    flat_tables = []
+    for t in decode_tables:
+        flat_tables += t
+        flat_tables += [0] * (width - len(t))
+    parts = [input_ids, positions, slots, flat_tables, decode_lens, logits_indices, feed_to, feed_from]
     # One host tensor, one copy: on CUDA from pinned memory without blocking, so building
     # a step's inputs never waits for the device.
-    packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+    packed = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int64)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     elif packed.device != device:
         packed = packed.to(device)
     views = list(packed.split([len(p) for p in parts]))
+    if feed_to:
+        views[0].index_copy_(0, views[6], inflight.tokens.index_select(0, views[7]))
 
     return ForwardBatch(
         input_ids=views[0],
@@ -54,3 +90,9 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
         prefill_chunks=prefill_chunks,
         logits_indices=views[5],
     )
+
+
+def _inflight_row(inflight: InflightTokens | None, seq_id: int) -> int:
+    if inflight is None or seq_id not in inflight.rows:
+        raise RuntimeError(f"sequence {seq_id} has a token in flight that no launched step holds")
+    return inflight.rows[seq_id]

@@ -52,3 +52,36 @@ class RequestOutput:
     error: str | None = None
     # Seconds from arrival to the first schedule; None until then.
     queue_time_s: float | None = None
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two successive outputs of one request as one: each sequence's deltas joined in order,
+    the request's totals and finish state from the later one. A consumer that falls behind
+    (a slow stream) then gets one message for several steps instead of a growing backlog."""
+    merged: dict[int, SequenceOutput] = {s.index: s for s in earlier.sequences}
+    for s in later.sequences:
+        before = merged.get(s.index)
+        if before is None:
+            merged[s.index] = s
+            continue
+        logprobs = None
+        if before.logprobs is not None or s.logprobs is not None:
+            logprobs = (before.logprobs or ()) + (s.logprobs or ())
+        merged[s.index] = SequenceOutput(
+            index=s.index,
+            token_ids=before.token_ids + s.token_ids,
+            text=before.text + s.text,
+            finish_reason=s.finish_reason,
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=logprobs,
+        )
+    return RequestOutput(
+        request_id=later.request_id,
+        sequences=tuple(merged.values()),
+        finished=later.finished,
+        prompt_tokens=later.prompt_tokens,
+        completion_tokens=later.completion_tokens,
+        cached_tokens=later.cached_tokens,
+        error=later.error,
+        queue_time_s=later.queue_time_s if later.queue_time_s is not None else earlier.queue_time_s,
+    )

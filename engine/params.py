@@ -8,6 +8,7 @@ defaults plus user overrides and raises `ValueError` naming the bad field.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -46,7 +47,7 @@ class SamplingParams:
         """How many sequences the request runs in the batch once its prompt is prefilled."""
         return self.num_beams if self.use_beam_search else self.num_return_sequences
 
-    @property
+    @functools.cached_property  # asked per sequence and step; the params never change
     def all_stop_token_ids(self) -> frozenset[int]:
         ids = set(self.stop_token_ids)
         if not self.ignore_eos:

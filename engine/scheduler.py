@@ -4,8 +4,19 @@ Two-phase contract:
 - `schedule()` picks the work for one step within the token budget and the KV
   pool: running requests first (decodes and unfinished prefill chunks), preempting
   the newest ones by recompute when blocks run out, then waiting requests.
-- `update_from_output()` is the only place request state changes after the
-  forward pass: tokens are appended, beams re-parented, stops checked, blocks freed.
+- `commit()` records that a step was launched: its tokens' KV is being written,
+  and each sampling sequence has one token in flight.
+- `update_from_output()` is the only place request state changes once the step's
+  samples are read back: tokens are appended, beams re-parented, stops checked,
+  blocks freed.
+
+The engine may schedule step N+1 between the commit and the update of step N
+(overlap: the host prepares the next step while the device runs this one). A
+sequence then has a token in flight (`Sequence.num_inflight`): it is scheduled as
+one pending token whose id the device fills in, and a sequence that the token in
+flight will finish by length is not scheduled again. Steps that need every token on
+the host to sample (beams, first tokens of n > 1 requests, history penalties) are
+updated before the next schedule.
 
 Every sequence catches its `num_computed` up to `len(token_ids)`; chunked prefill,
 prefix-cache hits, recompute after preemption and decode are one code path.
@@ -134,10 +145,12 @@ class Scheduler:
             plan = self._plan(request, budget, seq_slots)
             if plan is None:
                 continue  # no budget left for it this step; it keeps its blocks
-            while not self._fits(plan) and queue:
+            fits = self._fits(plan)
+            while not fits and queue:
                 self._preempt(queue.pop())
                 preempted = True
-            if not self._fits(plan):
+                fits = self._fits(plan)
+            if not fits:
                 if not out.scheduled and len(self.running) == 1:
                     self.running.remove(request)
                     out.outputs.append(self._too_big(request))
@@ -184,8 +197,15 @@ class Scheduler:
             if not seq.table.blocks:
                 seq.num_computed = self.blocks.match_prefix(seq.table, seq.token_ids)
 
+    def _finishes_by_length(self, request: Request, seq: Sequence) -> bool:
+        """Its token in flight will end it (max_new_tokens or the context): nothing to run."""
+        if not seq.num_inflight:
+            return False
+        total = len(seq.token_ids) + seq.num_inflight
+        return total - seq.prompt_len >= request.params.max_new_tokens or total >= self.max_model_len
+
     def _plan(self, request: Request, budget: int, seq_slots: int) -> Plan | None:
-        live = request.live_seqs
+        live = [s for s in request.live_seqs if not self._finishes_by_length(request, s)]
         if not live or len(live) > seq_slots:
             return None
         if sum(s.num_pending for s in live) <= budget:
@@ -229,23 +249,40 @@ class Scheduler:
         return self._finish(request, FinishReason.ERROR)
 
     # ---- the update step ----------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, samples: StepSamples) -> list[RequestOutput]:
-        outputs = list(out.outputs)
+    def commit(self, out: SchedulerOutput) -> None:
+        """The step was launched: its tokens' KV is being written, its samples are in flight."""
         for s in out.scheduled:
             s.seq.num_computed += s.num_tokens
             self.blocks.register_full_blocks(s.seq.table, s.seq.token_ids, s.seq.num_computed)
-        for request in out.requests:
-            if request.finished or not any(s.sample for s in out.scheduled if s.request is request):
+            if s.sample:
+                s.seq.num_inflight += 1
+
+    def update_from_output(self, out: SchedulerOutput, samples: StepSamples) -> list[RequestOutput]:
+        """Apply a committed step's samples. Requests and sequences that finished since
+        (aborted, or stopped by the step before) ignore theirs."""
+        outputs = list(out.outputs)
+        sampled: dict[int, tuple[Request, list[ScheduledSeq]]] = {}  # by request, in schedule order
+        for s in out.scheduled:
+            if s.sample:
+                s.seq.num_inflight -= 1
+                sampled.setdefault(id(s.request), (s.request, []))[1].append(s)
+        for request, scheduled in sampled.values():
+            if request.finished:
                 continue
             if request.beam_search is not None:
                 self._apply_beam_step(request, samples.beams[request.request_id])
             elif not request.forked:
                 self._fork(request, samples.tokens[request.seqs[0].seq_id])
             else:
-                for seq in request.live_seqs:
-                    self._append(request, seq, samples.tokens[seq.seq_id][0])
+                for s in scheduled:
+                    if not s.seq.finished:
+                        self._append(request, s.seq, samples.tokens[s.seq.seq_id][0])
+            for seq in request.live_seqs:
+                # Blocks whose last token was in flight at commit can be hashed now.
+                self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed)
             if not request.live_seqs or (request.beam_search is not None and request.beam_search.done):
-                self.running.remove(request)
+                # A request preempted after its step was launched finishes from the waiting queue.
+                (self.running if request in self.running else self.waiting).remove(request)
                 outputs.append(self._finish(request, None))
             else:
                 outputs.append(self._output(request))

@@ -31,7 +31,10 @@ class Sequence:
     index: int  # which output of the request it is
     token_ids: list[int]  # prompt + generated
     prompt_len: int
-    num_computed: int = 0  # tokens whose KV is in the cache
+    num_computed: int = 0  # tokens whose KV is in the cache (or being written by a launched step)
+    # Tokens sampled by a launched step whose ids the host has not read back yet (0 or 1).
+    # The next step can already feed such a token from the device (engine/llm_engine.py).
+    num_inflight: int = 0
     table: BlockTable = field(default_factory=BlockTable)
     finish_reason: FinishReason | None = None
     cumulative_logprob: float = 0.0
@@ -52,7 +55,7 @@ class Sequence:
     @property
     def num_pending(self) -> int:
         """Tokens not yet in the KV cache (the prompt remainder, or the last sampled token)."""
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_inflight - self.num_computed
 
     @property
     def finished(self) -> bool:

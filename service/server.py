@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ GRPC_OPTIONS = (
     ("grpc.so_reuseport", 0),
 )
 HEALTH_POLL_S = 1.0
+SWITCH_INTERVAL_S = 0.0005
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -70,6 +72,11 @@ class TextGenServer:
         """Open the port (TLS and token checks as configured), health NOT_SERVING.
 
         Raises AuthConfigError, or OSError for an unreadable TLS file, before any port opens."""
+        # The step loop's thread and this event loop share the GIL. With Python's default
+        # 5 ms switch interval a thread that wants the GIL can wait a whole decode step
+        # for it; 0.5 ms lets the event loop stream each step's tokens while the step
+        # loop prepares the next one (the server process does little else).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         credentials = server_credentials(self.options)
         tokens = load_tokens(self.options.auth_token_file)
         interceptors = []
@@ -117,7 +124,9 @@ class TextGenServer:
                 use_fp8=self.options.use_fp8,
                 dtype=self.options.dtype,
                 device=self.options.device,
-                **engine_options(self.options),
+                # A server captures its CUDA graphs before SERVING, not during the first
+                # requests (unless --no-capture-graphs-at-start).
+                **{"capture_graphs_at_start": True, **engine_options(self.options)},
             )
             logger.info("model loaded in %.1f s", time.monotonic() - began)
         info = self.engine.info

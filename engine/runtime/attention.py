@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.runtime.base import ForwardBatch
+from engine.transfer import to_device
 
 
 @dataclass
@@ -68,7 +69,7 @@ def build_metadata(batch: ForwardBatch, block_size: int, sliding_window: int | N
     for start, query_len, context_len, blocks in batch.prefill_chunks:
         offset = context_len - query_len
         used = blocks[: -(-context_len // block_size)]  # tables may hold blocks reserved ahead
-        block_ids = None if offset == 0 else torch.tensor(used, dtype=torch.int64, device=device)
+        block_ids = None if offset == 0 else to_device(used, torch.int64, device)
         mask = None
         if offset != 0 or sliding_window is not None:
             q_pos = torch.arange(offset, context_len, device=device)[:, None]

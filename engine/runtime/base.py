@@ -80,6 +80,10 @@ class ModelRuntime(abc.ABC):
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one forward pass; return float32 logits [len(logits_indices), vocab]."""
 
+    def warm_up(self) -> None:  # noqa: B027 - optional hook, deliberately empty by default
+        """Prepare everything the first steps would otherwise pay for (CUDA graphs); after
+        init_kv_cache(), before serving. Nothing by default."""
+
     @abc.abstractmethod
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy KV block src into block dst for each (src, dst): copy-on-write for beams."""

@@ -11,6 +11,7 @@ from engine.errors import ModelLoadError
 from engine.models import MissingWeightError, build_model
 from engine.runtime.attention import build_metadata
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
+from engine.runtime.kv_copy import copy_kv_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +97,4 @@ class TorchRuntime(ModelRuntime):
             return logits.float()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs or self.kv_cache is None:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        with torch.inference_mode():
-            # Gather first (a copy), so a block that is both a source and a destination
-            # is read before it is overwritten.
-            self.kv_cache[:, dst] = self.kv_cache[:, src]
+        copy_kv_blocks(self.kv_cache, pairs)

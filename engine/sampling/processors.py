@@ -28,17 +28,18 @@ from typing import Sequence
 import torch
 
 from engine.params import SamplingParams
+from engine.transfer import to_device
 
 FILTER_VALUE = -float("inf")
 
 
 def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return to_device(rows, torch.long, device)
 
 
 def _column(values: list[float], scores: torch.Tensor) -> torch.Tensor:
     """Per-row float32 parameters as a [rows, 1] column on the scores' device."""
-    return torch.tensor(values, dtype=torch.float32, device=scores.device).unsqueeze(1)
+    return to_device(values, torch.float32, scores.device).unsqueeze(1)
 
 
 def _mask_pairs(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
@@ -48,7 +49,7 @@ def _mask_pairs(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Ten
     rows, tokens = zip(*pairs)
     out = scores.clone()
     index = (_rows_tensor(list(rows), scores.device), _rows_tensor(list(tokens), scores.device))
-    out.index_put_(index, torch.tensor(FILTER_VALUE, dtype=scores.dtype, device=scores.device))
+    out.index_put_(index, torch.full((), FILTER_VALUE, dtype=scores.dtype, device=scores.device))
     return out
 
 
@@ -70,7 +71,7 @@ def repetition_penalty(
     for j, i in enumerate(rows):
         if token_ids[i]:
             ids[j, : len(token_ids[i])] = torch.as_tensor(token_ids[i], dtype=torch.long)
-    ids = ids.to(scores.device).clamp_(max=vocab)
+    ids = to_device(ids, torch.long, scores.device).clamp_(max=vocab)
     seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=scores.device)
     seen.scatter_(1, ids, True)
     seen = seen[:, :vocab]
@@ -141,7 +142,7 @@ def top_k(scores: torch.Tensor, ks: Sequence[int], min_tokens_to_keep: int = 1) 
     sub = scores.index_select(0, index)
     # One topk at the largest k; each row reads its own k-th value from it.
     best = torch.topk(sub, max(k_eff), dim=-1).values
-    kth = best.gather(1, torch.tensor(k_eff, device=scores.device).unsqueeze(1) - 1)
+    kth = best.gather(1, to_device(k_eff, torch.long, scores.device).unsqueeze(1) - 1)
     return scores.index_copy(0, index, sub.masked_fill(sub < kth, FILTER_VALUE))
 
 

@@ -10,6 +10,9 @@ p_i / sum p). We use it rather than torch.multinomial because
 * the draw is a noise fill plus one batched argmax: nothing is read back to the
   host until the single transfer of all chosen tokens at the end, so the GPU is
   never synchronised per row (multinomial works row by row and may sync).
+
+`launch` queues a step's sampling and `results` waits for it, so the engine can
+launch the next forward pass in between (engine/llm_engine.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from engine.params import SamplingParams
 from engine.sampling.processors import process_logits
+from engine.transfer import to_device
 
 # Exponential noise of exactly 0 (possible in float32) would divide by zero; the
 # smallest normal float32 keeps p / E finite (<= 1 / 1.2e-38 < float32 max).
@@ -60,13 +64,29 @@ def make_generator(seed: int | None, index: int, device: torch.device | str) -> 
     return generator
 
 
+@dataclass
+class PendingSamples:
+    """A sampling step launched on the device; `Sampler.results` reads it back.
+
+    `tokens` stays on the device: the next step's decode rows take their input token
+    from it without the host seeing it first."""
+
+    tokens: torch.Tensor  # [rows] int64 on the logits' device
+    packed: torch.Tensor  # [rows, 2 + 2k] float64: token, its logprob, top-k ids, top-k logprobs
+    ready: torch.cuda.Event | None  # recorded after the copy of `packed` to pinned host memory
+    logprobs: list[int | None]  # each row's params.logprobs
+    top_k: int
+
+
 class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
         """logits: [len(rows), vocab], row i for rows[i]. Returns one result per row."""
+        return self.results(self.launch(logits, rows))
+
+    def launch(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSamples:
+        """Queue the sampling of every row on the logits' device; nothing waits for it."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
-        if not rows:
-            return []
         logits = logits.float()
         params = [r.params for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -75,32 +95,43 @@ class Sampler:
         tokens = processed.argmax(dim=-1)  # greedy rows keep this
         sampling = [i for i, p in enumerate(params) if p.do_sample]
         if sampling:
-            index = torch.tensor(sampling, dtype=torch.long, device=logits.device)
+            index = to_device(sampling, torch.long, logits.device)
             probs = processed.index_select(0, index).softmax(dim=-1)
             noise = self._exponential_noise(probs, [rows[i].generator for i in sampling])
             tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
 
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
-        k = min(max((p.logprobs or 0) for p in params), logits.shape[1])
-        top = torch.topk(raw_logprobs, k, dim=-1) if k else None
-        # The step's only wait on the device, and its only transfer: token ids, their
-        # logprobs and the top-k alternatives travel together as float64 (exact for ids
-        # below 2**53 and for float32 logprobs).
+        k = min(max((p.logprobs or 0) for p in params), logits.shape[1]) if params else 0
         columns = [tokens.unsqueeze(1), chosen]
-        if top is not None:
+        if k:
+            top = torch.topk(raw_logprobs, k, dim=-1)
             columns += [top.indices, top.values]
-        packed = torch.cat([c.to(torch.float64) for c in columns], dim=1).tolist()
-        token_list = [int(row[0]) for row in packed]
-        chosen_list = [row[1] for row in packed]
-        top_ids = [[int(t) for t in row[2 : 2 + k]] for row in packed] if top is not None else None
-        top_values = [row[2 + k :] for row in packed] if top is not None else None
+        # The step's only transfer back: token ids, their logprobs and the top-k
+        # alternatives travel together as float64 (exact for ids below 2**53 and for
+        # float32 logprobs).
+        packed = torch.cat([c.to(torch.float64) for c in columns], dim=1)
+        ready = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            packed = host
+        return PendingSamples(tokens, packed, ready, [p.logprobs for p in params], k)
 
+    @staticmethod
+    def results(pending: PendingSamples) -> list[SampleResult]:
+        """Wait for a launched step's samples (the step's only wait on the device)."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        packed = pending.packed.tolist()
+        k = pending.top_k
         results = []
-        for i, p in enumerate(params):
+        for row, want in zip(packed, pending.logprobs):
             alternatives: tuple[tuple[int, float], ...] = ()
-            if p.logprobs:
-                alternatives = tuple(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs]))
-            results.append(SampleResult(token_list[i], chosen_list[i], alternatives))
+            if want:
+                alternatives = tuple(zip((int(t) for t in row[2 : 2 + want]), row[2 + k : 2 + k + want]))
+            results.append(SampleResult(int(row[0]), row[1], alternatives))
         return results
 
     @staticmethod
@@ -113,7 +144,7 @@ class Sampler:
                 # not depend on the batch.
                 noise[j].exponential_(generator=g)
         if unseeded:
-            index = torch.tensor(unseeded, dtype=torch.long, device=probs.device)
+            index = to_device(unseeded, torch.long, probs.device)
             fresh = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
             noise.index_copy_(0, index, fresh.exponential_())
         return noise.clamp_min_(_TINY)

@@ -86,6 +86,26 @@ def test_gemv_fp8_equals_dequantized_weights():
         assert rel(y, F.linear(x.float(), q.dequantize(torch.float32))) < bf16_tol()
 
 
+@cuda_only
+@pytest.mark.parametrize("m,rows", [(5, 16), (16, 16), (33, 48)])
+def test_fused_activation_quantization_equals_the_torch_reference(m, rows):
+    from engine.runtime.cuda.fp8 import _MIN_SCALE, FP8_MAX, quantize_activations
+    from engine.runtime.cuda.kernels import quantize_rows_fp8
+
+    g = torch.Generator(device="cpu").manual_seed(m)
+    x = (torch.randn(m, 320, generator=g) * torch.rand(m, 1, generator=g) * 4).to(DEVICE, torch.bfloat16)
+    x[1] = 0  # an all-zero row keeps a finite scale
+    q, scale = quantize_rows_fp8(x, rows, _MIN_SCALE, FP8_MAX)
+    q_ref, scale_ref = quantize_activations(x, rows)
+    assert q.shape == (rows, 320) and scale.shape == (rows, 1)
+    # Same scales up to the last bit of float32 (a division may round where a multiply by the
+    # reciprocal does not), so at most a rare value lands on the neighbouring e4m3 step.
+    torch.testing.assert_close(scale, scale_ref, rtol=2.5e-7, atol=0)
+    assert (q.float() != q_ref.float()).float().mean() < 1e-3
+    torch.testing.assert_close(q.float() * scale, q_ref.float() * scale_ref, rtol=0.07, atol=1e-30)
+    assert torch.equal(q[m:].float(), torch.zeros(rows - m, 320, device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_and_cache_write(dtype):
     from engine.models.rope import RopeTable

@@ -78,8 +78,9 @@ def assert_all_blocks_free(engine):
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-def test_staggered_requests_match_each_run_alone(tokenizer):
-    engine = make_engine(tokenizer)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_staggered_requests_match_each_run_alone(tokenizer, overlap):
+    engine = make_engine(tokenizer, overlap_steps=overlap)
     prompts = random_prompts(8)
     prompts.append(prompts[0] + [7, 8, 9])  # shares a prefix with request 0
     arrivals = [(i * 2, f"r{i}", p, greedy(10 + i)) for i, p in enumerate(prompts)]
@@ -90,8 +91,9 @@ def test_staggered_requests_match_each_run_alone(tokenizer):
     assert_all_blocks_free(engine)
 
 
-def test_tiny_pool_preempts_and_still_matches(tokenizer):
-    engine = make_engine(tokenizer, num_blocks=24, block_size=4)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_tiny_pool_preempts_and_still_matches(tokenizer, overlap):
+    engine = make_engine(tokenizer, overlap_steps=overlap, num_blocks=24, block_size=4)
     prompts = random_prompts(6, seed=1, lo=10, hi=30)
     arrivals = [(0, f"r{i}", p, greedy(20)) for i, p in enumerate(prompts)]
     got = run(engine, arrivals)
@@ -101,8 +103,9 @@ def test_tiny_pool_preempts_and_still_matches(tokenizer):
     assert_all_blocks_free(engine)
 
 
-def test_chunked_prefill_of_long_prompts(tokenizer):
-    engine = make_engine(tokenizer, max_num_batched_tokens=7)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_chunked_prefill_of_long_prompts(tokenizer, overlap):
+    engine = make_engine(tokenizer, overlap_steps=overlap, max_num_batched_tokens=7)
     prompts = random_prompts(3, seed=2, lo=25, hi=40)
     got = run(engine, [(0, f"r{i}", p, greedy(5)) for i, p in enumerate(prompts)])
     for i, p in enumerate(prompts):
@@ -128,6 +131,7 @@ def test_abort_frees_every_block(tokenizer):
     for _ in range(5):
         engine.step()
     assert engine.block_manager.num_used_blocks > 0
+    assert engine._inflight is not None  # aborts land while a step's tokens are in flight
     engine.abort("b")
     assert collector.final("b").finished
     assert collector.final("b").sequences[-1].finish_reason is FinishReason.ABORTED
@@ -135,6 +139,8 @@ def test_abort_frees_every_block(tokenizer):
     engine.abort("c")
     engine.abort("not-there")  # unknown ids are ignored
     assert_all_blocks_free(engine)
+    engine.step()  # reads the last launched step back; its requests are gone
+    assert not engine.has_work and engine.block_manager.num_used_blocks == 0
 
 
 def test_failed_step_fails_only_its_requests(tokenizer):
@@ -147,14 +153,59 @@ def test_failed_step_fails_only_its_requests(tokenizer):
     assert_all_blocks_free(engine)
 
 
-def test_eos_stops_a_sequence(tokenizer):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_eos_stops_a_sequence(tokenizer, overlap):
     prompt = random_prompts(1, seed=6)[0]
     ref = greedy_reference(prompt, 10)
     eos = ref[4]
-    engine = make_engine(tokenizer)
+    engine = make_engine(tokenizer, overlap_steps=overlap)
     got = run(engine, [(0, "a", prompt, greedy(10, eos_token_ids=(eos,)))])
     assert got.tokens("a") == ref[: ref.index(eos) + 1]
     assert got.final("a").sequences[-1].finish_reason is FinishReason.EOS
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_launches_the_next_step_before_reading_tokens_back(tokenizer, overlap):
+    runtime = FakeRuntime()
+    engine = make_engine(tokenizer, runtime=runtime, overlap_steps=overlap)
+    collector = Collector()
+    prompt = random_prompts(1, seed=12)[0]
+    engine.add_request(Request("a", prompt, greedy(5), collector.sink_for("a")))
+    delivered = []
+    while engine.has_work:
+        engine.step()
+        delivered.append(len(collector.tokens("a")) if "a" in collector.outputs else 0)
+    # Overlapped, step k reads back step k-1's token after launching step k; the token
+    # that reaches max_new_tokens is never fed to another forward pass either way.
+    assert delivered == ([0, 1, 2, 3, 4, 5] if overlap else [1, 2, 3, 4, 5])
+    assert runtime.forward_calls == 5
+    assert collector.tokens("a") == greedy_reference(prompt, 5)
+    assert_all_blocks_free(engine)
+
+
+def penalized_reference(prompt, n, penalty):
+    from engine.sampling.processors import repetition_penalty
+
+    tokens = list(prompt)
+    for _ in range(n):
+        scores = repetition_penalty(reference_logits(tokens)[None], [tokens], [penalty])
+        tokens.append(int(scores.argmax()))
+    return tokens[len(prompt):]
+
+
+def test_history_penalties_read_their_tokens_back_before_the_next_step(tokenizer):
+    """A repetition-penalised request needs its last token on the host to sample the
+    next: it shares steps with overlapped greedy requests and still matches."""
+    prompts = random_prompts(4, seed=13)
+    arrivals = [(i, f"g{i}", p, greedy(9)) for i, p in enumerate(prompts[:3])]
+    arrivals.append((2, "p", prompts[3], greedy(9, repetition_penalty=1.5)))
+    engine = make_engine(tokenizer)
+    got = run(engine, arrivals)
+    for i, p in enumerate(prompts[:3]):
+        assert got.tokens(f"g{i}") == greedy_reference(p, 9)
+    assert got.tokens("p") == penalized_reference(prompts[3], 9, 1.5)
+    assert_all_blocks_free(engine)
 
 
 def sampled(n, seed, **kw):

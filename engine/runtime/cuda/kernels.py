@@ -65,7 +65,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
                  M, N, stride_x, stride_out, stride_res, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, BIAS: tl.constexpr,
-                 FP8: tl.constexpr, K_POW2: tl.constexpr):
+                 FP8: tl.constexpr, K_POW2: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -78,7 +78,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     if NORM:
         rstd = _row_rstd(x_ptr, M, stride_x, eps, K, K_POW2, M_PAD, M_PAD)
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # STAGES > 1 lets the compiler issue the next tiles' loads before this one's FMAs.
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         kk = k0 + rk
         k_mask = kk < K
         x_mask = m_mask[:, None] & k_mask[None, :]
@@ -168,11 +169,13 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
 
 # Decode projections run through these kernels up to SKINNY_MAX_ROWS rows (cuBLAS or
 # _scaled_mm above). Config per (weight bytes per element, rows bucket):
-# ("fma", BLOCK_N, BLOCK_K, num_warps) for _gemv_kernel (rows <= 4 only) or
+# ("fma", BLOCK_N, BLOCK_K, num_warps[, stages]) for _gemv_kernel (rows <= 4 only) or
 # ("dot", BLOCK_N, BLOCK_K, num_warps, stages) for _skinny_kernel. From the H100 sweeps
 # of bench/gpu_bench.py --sweep (docs/benchmarks.md): at 1 row the two kernels stream the
 # weights equally fast (about 2.0 to 2.5 TB/s), but in the model, with the RMSNorm
-# prologue, the FMA kernel's step was 10% (bf16) and 40% (FP8) shorter.
+# prologue, the FMA kernel's step was 10% (bf16) and 40% (FP8) shorter. Pipelining the
+# FMA loop (stages > 1) shortened the whole batch-1 step by a further 3% (bf16) and 12%
+# (FP8), timed in the model by bench/gpu_bench.py's tune_in_model.
 SKINNY_MAX_ROWS = 64
 # Largest row count sent to the Triton kernels, per weight bytes per element (above it:
 # cuBLAS for bf16, torch._scaled_mm for FP8). At 32 rows cuBLAS matched the tensor-core
@@ -180,7 +183,7 @@ SKINNY_MAX_ROWS = 64
 # was 1.7 to 8x slower than the FP8 kernel.
 SKINNY_ROWS = {2: 16, 1: 64}
 GEMV_CONFIG = {
-    (2, 4): ("fma", 8, 1024, 4), (1, 4): ("fma", 8, 1024, 4),
+    (2, 4): ("fma", 8, 1024, 4, 2), (1, 4): ("fma", 8, 1024, 4, 5),
     (2, 16): ("dot", 32, 256, 4, 4), (1, 16): ("dot", 16, 256, 4, 4),
     (2, 32): ("dot", 32, 256, 4, 4), (1, 32): ("dot", 16, 256, 4, 4),
     (2, 64): ("dot", 32, 256, 4, 4), (1, 64): ("dot", 16, 256, 4, 4),
@@ -224,8 +227,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
     flags = dict(NORM=norm is not None, ACT=act, RES=residual is not None, BIAS=bias is not None, FP8=fp8)
     grid = (triton.cdiv(N, block_n),)
     if kind == "fma" and M <= 4:
+        stages = config[4] if len(config) > 4 else 1
         _gemv_kernel[grid](*args, K=K, M_PAD=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, **flags,
-                           K_POW2=_next_pow2(K), num_warps=warps)
+                           K_POW2=_next_pow2(K), STAGES=stages, num_warps=warps)
     else:
         f32 = INTERPRET or x.dtype == torch.float32
         stages = config[4] if kind == "dot" else 3
@@ -284,6 +288,41 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         block = 1024
         _silu_mul_kernel[(rows, triton.cdiv(K, block))](x, out, x.stride(0), out.stride(0), K=K, BLOCK=block)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# FP8 activations for torch._scaled_mm
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, stride_x, min_scale, fp8_max, inv_fp8_max,
+                          K: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row: absmax, scale, quantize, in one read of the row. Rows past M
+    # (padding for _scaled_mm's multiple of 16) become zeros with scale 1.
+    row = tl.program_id(0)
+    k = tl.arange(0, BLOCK)
+    mask = (k < K) & (row < M)
+    x = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+    # As torch computes amax / 448: times the float32 reciprocal (its division by a scalar).
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), min_scale) * inv_fp8_max
+    scale = tl.where(row < M, scale, 1.0)
+    # Correctly rounded division, as torch's x / scale (the default one is approximate).
+    q = tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max)
+    tl.store(q_ptr + row * K + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows_fp8(x: torch.Tensor, rows: int, min_scale: float, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [rows, K] float8_e4m3fn, scale [rows, 1] float32), rows >= M: per-row
+    absmax scaling, x[m] ~= q[m] * scale[m]; rows past M are zero."""
+    M, K = x.shape
+    q = torch.empty(rows, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    block = _next_pow2(K)
+    _quantize_rows_kernel[(rows,)](x, q, scale, M, x.stride(0), min_scale, fp8_max, 1.0 / fp8_max, K=K, BLOCK=block,
+                                   num_warps=8 if block >= 4096 else 4)
+    return q, scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,11 +388,14 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tens
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The split count is a run-time argument (not specialised): in mixed prefill + decode
+# steps it follows the longest context, and one compilation per value stalled serving
+# for up to seconds whenever a new context range came up.
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-                         stride_q, stride_out, stride_table, stride_block, qk_scale, window,
+                         stride_q, stride_out, stride_table, stride_block, qk_scale, window, num_splits,
                          KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
                          F32_DOT: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -367,7 +409,7 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_p
         first = tl.maximum(ctx - window, 0)
     first_tile = first // TILE
     num_tiles = tl.cdiv(ctx, TILE) - first_tile
-    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(num_tiles, num_splits)
     t_begin = first_tile + split * per_split
     t_end = tl.minimum(t_begin + per_split, first_tile + num_tiles)
 
@@ -407,29 +449,29 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_p
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + seq * stride_out + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=g_mask[:, None])
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        idx = (seq * H + heads) * NUM_SPLITS + split
+        idx = (seq * H + heads) * num_splits + split
         tl.store(mid_o_ptr + idx[:, None] * D + d[None, :], o, mask=g_mask[:, None])
         tl.store(mid_lse_ptr + idx, lse, mask=g_mask)
 
 
-@triton.jit
-def _combine_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _combine_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_out, num_splits, H: tl.constexpr, D: tl.constexpr,
+                    SPLITS_PAD: tl.constexpr):
     seq = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D)
-    base = (seq * H + h) * NUM_SPLITS
-    lse = tl.load(mid_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    base = (seq * H + h) * num_splits
+    lse = tl.load(mid_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp2(lse - mx)
-    o = tl.load(mid_o_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    o = tl.load(mid_o_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     total = tl.where(total > 0, total, 1.0)
     res = tl.sum(w[:, None] * o, axis=0) / total
@@ -470,13 +512,13 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
         mid_o = mid_lse = out
     _paged_decode_kernel[(B, kv_heads, splits)](
         q, cache, tables, context_lens, out, mid_o, mid_lse,
-        q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0,
+        q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0, splits,
         KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_SIZE=block_size,
-        TILE=ATTN_TILE, NUM_SPLITS=splits, F32_DOT=f32, num_warps=4,
+        TILE=ATTN_TILE, SPLIT=splits > 1, F32_DOT=f32, num_warps=4,
     )
     if splits > 1:
-        _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), H=heads, D=head_dim, NUM_SPLITS=splits,
-                                    SPLITS_PAD=_next_pow2(splits))
+        _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), splits, H=heads, D=head_dim,
+                                    SPLITS_PAD=_next_pow2(MAX_SPLITS))
     return out
 
 

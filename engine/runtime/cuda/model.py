@@ -22,6 +22,7 @@ from engine.runtime.base import ModelSpec
 from engine.runtime.cuda import kernels
 from engine.runtime.cuda.fp8 import Fp8Weight, quantize_rows, scaled_mm_linear
 from engine.runtime.cuda.kernels import gemv, paged_decode_attention, rms_norm, rope_and_cache, silu_mul
+from engine.transfer import to_device
 
 
 @dataclass
@@ -206,7 +207,7 @@ class CudaLlama:
             if offset == 0:
                 context = rows[0, :, H * D :].unflatten(-1, (2 * KVH, D))
             else:
-                used = torch.tensor(blocks[: -(-ctx_len // block_size)], dtype=torch.int64, device=qkv.device)
+                used = to_device(blocks[: -(-ctx_len // block_size)], torch.int64, qkv.device)
                 context = cache.index_select(0, used).flatten(0, 1)[:ctx_len]  # [ctx, 2 KVH, D]
             k = context[:, :KVH].transpose(0, 1)[None]
             v = context[:, KVH:].transpose(0, 1)[None]

@@ -23,6 +23,7 @@ from engine.models.weights import MissingWeightError
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
 from engine.runtime.cuda.kernels import decode_splits, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
+from engine.runtime.kv_copy import copy_kv_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,7 @@ class CudaRuntime(ModelRuntime):
         self._graphs.clear()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs or self.kv_cache is None:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        with torch.inference_mode():
-            self.kv_cache[:, dst] = self.kv_cache[:, src]
+        copy_kv_blocks(self.kv_cache, pairs)
 
     # ---- forward ------------------------------------------------------------------------
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
@@ -191,6 +187,9 @@ class CudaRuntime(ModelRuntime):
         self._graphs[rows] = (graph, logits)
         self.capture_seconds += time.perf_counter() - start
         logger.info("captured the decode CUDA graph for batch %d in %.2f s", rows, time.perf_counter() - start)
+
+    def warm_up(self) -> None:
+        self.capture_all()
 
     def capture_all(self) -> None:
         """Capture every bucket's graph now (server warm-up) instead of on first use."""
