@@ -69,9 +69,9 @@ class LLMEngine:
         launched before it (overlap) or of this one (when it must be read at once).
 
         With overlap the host schedules and launches step N+1 while the device still
-        runs step N; the device runs the steps in order, so step N's samples are ready
-        by the time N+1's launch returns, and step N+1 already read its decode rows'
-        input tokens from step N's samples on the device."""
+        runs step N, and only then waits for step N's samples: step N+1 is already queued
+        behind step N, so the device does not wait for the host between them. Step N+1's
+        decode rows take their input tokens from step N's samples on the device."""
         # 1. Decide what runs.
         out = self.scheduler.schedule()
         outputs = list(out.outputs)
