@@ -530,8 +530,17 @@ def check_fp8(runtime_bf16, runtime_fp8):
     RESULTS["fp8_rel_err"], RESULTS["fp8_top1"], RESULTS["fp8_top1_decode"] = err, top1, top1_dec
 
 
-def _graph_step_ms(runtime, rows: int) -> float:
-    """GPU time of one captured decode step of `rows` rows at 256-token contexts."""
+def _kernel_kind(name: str) -> str:
+    """A profiler kernel name's group in the step breakdowns."""
+    kinds = (("gemm", ("gemm", "cutlass", "sm90", "nvjet")), ("gemv", ("gemv", "skinny")),
+             ("attention", ("paged_decode",)), ("attention combine", ("combine",)), ("rope+cache", ("rope",)),
+             ("memcpy", ("Memcpy",)))
+    return next((kind for kind, marks in kinds if any(m in name for m in marks)), "other")
+
+
+def _graph_step_ms(runtime, rows: int, rep: int = 100) -> float:
+    """GPU time of one captured decode step of `rows` rows at 256-token contexts (slots -1:
+    the replays write no K/V)."""
     from triton.testing import do_bench
 
     if rows not in runtime._graphs:
@@ -539,7 +548,7 @@ def _graph_step_ms(runtime, rows: int) -> float:
     runtime._ctx[:rows].fill_(256)
     runtime._tables[:rows, :16] = torch.arange(16, device="cuda")
     runtime._slots[:rows].fill_(-1)
-    ms = do_bench(runtime._graphs[rows][0].replay, warmup=10, rep=100, return_mode="median")
+    ms = do_bench(runtime._graphs[rows][0].replay, warmup=10, rep=rep, return_mode="median")
     runtime._ctx[:rows].zero_()
     return ms
 
@@ -578,20 +587,13 @@ def tune_in_model(runtime, label):
 
 @section("GPU time of one decode step (graph replay)")
 def step_time(runtime, label, rows_list=(1, 32)):
-    from triton.testing import do_bench
 
     out = {}
     for rows in rows_list:
         if rows not in runtime.buckets:
             continue
-        if rows not in runtime._graphs:
-            runtime._capture(rows)
-        # Realistic contexts: 256 tokens per row in the static buffers (slots -1: no writes).
-        runtime._ctx[:rows].fill_(256)
-        runtime._tables[:rows, :16] = torch.arange(16, device="cuda")
+        ms = _graph_step_ms(runtime, rows, rep=200)
         graph = runtime._graphs[rows][0]
-        runtime._slots[:rows].fill_(-1)
-        ms = do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
         host = []
         for _ in range(20):  # host cost of the launch alone, GPU idle before each
             sync()
@@ -599,7 +601,6 @@ def step_time(runtime, label, rows_list=(1, 32)):
             graph.replay()
             host.append(time.perf_counter() - start)
         sync()
-        runtime._ctx[:rows].zero_()
         out[rows] = ms
         say(f"{label}: batch {rows}: {ms * 1e3:.0f} us per step = {rows / ms * 1e3:.0f} tok/s on the GPU alone; "
             f"graph.replay() returns after {sorted(host)[10] * 1e6:.0f} us (host, median)")
@@ -628,10 +629,7 @@ def step_time(runtime, label, rows_list=(1, 32)):
         runtime._ctx[:1].zero_()
         groups: dict[str, float] = {}
         for evt in prof.key_averages():
-            name = evt.key
-            key = ("gemv" if "gemv" in name or "skinny" in name else "attention" if "paged_decode" in name
-                   else "attention combine" if "combine" in name else "rope+cache" if "rope" in name
-                   else "other")
+            key = _kernel_kind(evt.key)
             groups[key] = groups.get(key, 0.0) + evt.device_time_total
         total = sum(groups.values())
         say(f"{label}: batch-1 kernel time by kind (eager run, us): "
@@ -742,11 +740,7 @@ def profile_decode_steps(engine, vocab: int, rows: int, max_model_len: int, step
     for e in events:
         if e.self_device_time_total <= 0:  # host-side ops: their kernels are counted as themselves
             continue
-        name = e.key
-        key = ("gemm" if "gemm" in name or "cutlass" in name or "sm90" in name or "nvjet" in name
-               else "gemv" if "gemv" in name or "skinny" in name else "attention" if "paged_decode" in name
-               else "combine" if "combine" in name else "rope+cache" if "rope" in name
-               else "memcpy" if "Memcpy" in name else "other")
+        key = _kernel_kind(e.key)
         groups[key] = groups.get(key, 0.0) + e.self_device_time_total
     say(f"  {rows}-row decode steps, GPU time per step (us): "
         + ", ".join(f"{k} {v / steps:.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
@@ -774,7 +768,7 @@ def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_
     prompts = prompts_for(requests, prompt_len, LLAMA3_8B["vocab_size"], seed=7)
     warm = prompts_for(max_num_seqs, prompt_len, LLAMA3_8B["vocab_size"], seed=8)
     run_offline(engine, warm, 4, max_model_len)  # warm-up: kernels
-    runtime.capture_all()
+    runtime.warm_up()
     say(f"graphs for buckets {runtime.buckets} captured in {runtime.capture_seconds:.1f} s")
     elapsed, outs = profile_steps(engine, prompts, new_tokens, max_model_len)
     assert all(len(o) == new_tokens for o in outs)

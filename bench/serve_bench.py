@@ -332,7 +332,7 @@ def build_llm_engine(args):
         # Kernels first, then every decode graph, on this thread before the step loop owns the engine.
         warm = random_prompts(args.max_num_seqs, args.prompt_len, shape["vocab_size"], seed=999)
         gb.run_offline(engine, warm, 8, max_model_len)
-        runtime.capture_all()
+        runtime.warm_up()
     return engine, shape, runtime, blocks
 
 

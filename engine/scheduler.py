@@ -35,7 +35,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.outputs import FinishReason, RequestOutput, SequenceOutput, TokenLogprob
 from engine.sequence import Request, RequestStatus, Sequence
-from engine.stop import check_stop
+from engine.stop import check_stop, reaches_length
 
 # (sequence, tokens to compute this step, whether its logits are sampled)
 Plan = list[tuple[Sequence, int, bool]]
@@ -202,7 +202,7 @@ class Scheduler:
         if not seq.num_inflight:
             return False
         total = len(seq.token_ids) + seq.num_inflight
-        return total - seq.prompt_len >= request.params.max_new_tokens or total >= self.max_model_len
+        return reaches_length(total - seq.prompt_len, total, request.params, self.max_model_len)
 
     def _plan(self, request: Request, budget: int, seq_slots: int) -> Plan | None:
         live = [s for s in request.live_seqs if not self._finishes_by_length(request, s)]

@@ -35,7 +35,12 @@ def check_stop(
         return FinishReason.STOP_TOKEN
     if stop_string_hit:
         return FinishReason.STOP_STRING
-    # A sequence of max_model_len tokens fills every position: the next token would have none.
-    if num_generated >= params.max_new_tokens or total_len >= max_model_len:
+    if reaches_length(num_generated, total_len, params, max_model_len):
         return FinishReason.LENGTH
     return None
+
+
+def reaches_length(num_generated: int, total_len: int, params: SamplingParams, max_model_len: int) -> bool:
+    """max_new_tokens generated, or the context full: a sequence of max_model_len tokens
+    fills every position, so the next token would have none."""
+    return num_generated >= params.max_new_tokens or total_len >= max_model_len

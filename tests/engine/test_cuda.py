@@ -89,8 +89,14 @@ def test_gemv_fp8_equals_dequantized_weights():
 @cuda_only
 @pytest.mark.parametrize("m,rows", [(5, 16), (16, 16), (33, 48)])
 def test_fused_activation_quantization_equals_the_torch_reference(m, rows):
-    from engine.runtime.cuda.fp8 import _MIN_SCALE, FP8_MAX, quantize_activations
+    from engine.runtime.cuda.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX
     from engine.runtime.cuda.kernels import quantize_rows_fp8
+
+    def quantize_activations(x, rows):  # the torch reference: padded rows are zeros with scale 1
+        xf = F.pad(x, (0, 0, 0, rows - x.shape[0])).float()
+        xs = xf.abs().amax(dim=1, keepdim=True).clamp_min_(_MIN_SCALE) / FP8_MAX
+        xs[x.shape[0]:] = 1.0
+        return (xf / xs).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), xs
 
     g = torch.Generator(device="cpu").manual_seed(m)
     x = (torch.randn(m, 320, generator=g) * torch.rand(m, 1, generator=g) * 4).to(DEVICE, torch.bfloat16)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.runtime.cuda.kernels import quantize_rows_fp8
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1e-12
@@ -50,22 +52,11 @@ def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = 
     if x.device.type != "cuda":  # CPU tests: the same function, dequantized
         y = F.linear(x, w.dequantize(x.dtype))
         return y if bias is None else y + bias
-    from engine.runtime.cuda.kernels import quantize_rows_fp8
-
     # One kernel for the activations (absmax, scale and cast in one read of each row):
-    # `quantize_activations` launches five, which cost more than the FP8 GEMM saved at
+    # the same in torch ops launches five, which cost more than the FP8 GEMM saved at
     # 256 rows on the H100 (docs/benchmarks.md).
     xq, xs = quantize_rows_fp8(x, m + (-m) % 16, _MIN_SCALE, FP8_MAX)
     y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale[None, :], out_dtype=x.dtype)
     y = y[:m]
     return y if bias is None else y + bias
 
-
-def quantize_activations(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference for kernels.quantize_rows_fp8: x [M, K] padded with zero rows to `rows`,
-    per-row absmax scales [rows, 1] and e4m3 values."""
-    m = x.shape[0]
-    xf = F.pad(x, (0, 0, 0, rows - m)).float()
-    xs = xf.abs().amax(dim=1, keepdim=True).clamp_min_(_MIN_SCALE) / FP8_MAX
-    xs[m:] = 1.0
-    return (xf / xs).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), xs

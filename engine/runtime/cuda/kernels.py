@@ -61,6 +61,44 @@ def _row_rstd(x_ptr, M, stride_x, eps, K: tl.constexpr, K_POW2: tl.constexpr, M_
 
 
 @triton.jit
+def _input_tile(x_rows, nw_ptr, out_ptr, kk, k_mask, x_mask, rstd, K: tl.constexpr, ACT: tl.constexpr,
+                NORM: tl.constexpr):
+    """Columns kk of f(x), rounded to the output dtype where torch rounds: f is SiLU(gate) * up
+    (ACT: x holds [gate | up], each K wide), then RMSNorm times its weight (NORM)."""
+    dt = out_ptr.dtype.element_ty
+    if ACT:
+        g = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        u = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        xv = (s * u).to(dt)
+    else:
+        xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+    if NORM:
+        nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        xn = (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
+        xv = (xn * nw[None, :]).to(dt)
+    return xv
+
+
+@triton.jit
+def _store_projection(y, out_ptr, res_ptr, bias_ptr, scale_ptr, rm, m_mask, rn, n_mask, stride_out, stride_res,
+                      RES: tl.constexpr, BIAS: tl.constexpr, FP8: tl.constexpr):
+    """y [rows, cols] float32 accumulators: times the FP8 row scales, plus the bias, rounded,
+    plus the residual (after the rounding, as torch adds it), stored."""
+    dt = out_ptr.dtype.element_ty
+    if FP8:
+        y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    if BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y.to(dt)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if RES:
+        r = tl.load(res_ptr + rm[:, None] * stride_res + rn[None, :], mask=o_mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+    tl.store(out_ptr + rm[:, None] * stride_out + rn[None, :], y, mask=o_mask)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
                  M, N, stride_x, stride_out, stride_res, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -72,9 +110,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     rm = tl.arange(0, M_PAD)
     m_mask = rm < M
     rk = tl.arange(0, BLOCK_K)
-    dt = out_ptr.dtype.element_ty
     x_rows = x_ptr + rm[:, None] * stride_x
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    rstd = tl.zeros([M_PAD], dtype=tl.float32)
     if NORM:
         rstd = _row_rstd(x_ptr, M, stride_x, eps, K, K_POW2, M_PAD, M_PAD)
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -86,29 +124,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
         # Each weight byte is read once: keep it out of the caches' way.
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
-        if ACT:  # x holds [gate | up], each K wide: SiLU(gate) * up, rounded as torch does
-            g = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            xv = (s * u).to(dt).to(tl.float32)
-        else:
-            xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        if NORM:
-            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-            xv = (xv * rstd[:, None]).to(dt).to(tl.float32)
-            xv = (xv * nw[None, :]).to(dt).to(tl.float32)
+        xv = _input_tile(x_rows, nw_ptr, out_ptr, kk, k_mask, x_mask, rstd, K, ACT, NORM).to(tl.float32)
         acc += xv[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
-    if FP8:
-        y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    if BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(dt)
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    if RES:
-        r = tl.load(res_ptr + rm[:, None] * stride_res + rn[None, :], mask=o_mask, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
-    tl.store(out_ptr + rm[:, None] * stride_out + rn[None, :], y, mask=o_mask)
+    _store_projection(y, out_ptr, res_ptr, bias_ptr, scale_ptr, rm, m_mask, rn, n_mask, stride_out, stride_res,
+                      RES, BIAS, FP8)
 
 
 @triton.jit
@@ -130,6 +150,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     dt = out_ptr.dtype.element_ty
     x_rows = x_ptr + rm[:, None] * stride_x
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    rstd = tl.zeros([M_PAD], dtype=tl.float32)
     if NORM:  # whole rows in one load each (the caller fuses the norm for <= NORM_ROWS rows)
         rstd = _row_rstd(x_ptr, M, stride_x, eps, K, K_POW2, M_PAD, NORM_ROWS)
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
@@ -138,33 +159,14 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
         k_mask = kk < K
         x_mask = m_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if ACT:
-            g = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            xv = (s * u).to(dt)
-        else:
-            xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
-        if NORM:
-            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-            xn = (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
-            xv = (xn * nw[None, :]).to(dt)
+        xv = _input_tile(x_rows, nw_ptr, out_ptr, kk, k_mask, x_mask, rstd, K, ACT, NORM)
         if F32_DOT:
             acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             # FP8 e4m3 values are exact in bf16/fp16: the products stay exact.
             acc = tl.dot(xv, tl.trans(w.to(dt)), acc)
-    y = acc
-    if FP8:
-        y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    if BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(dt)
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    if RES:
-        r = tl.load(res_ptr + rm[:, None] * stride_res + rn[None, :], mask=o_mask, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
-    tl.store(out_ptr + rm[:, None] * stride_out + rn[None, :], y, mask=o_mask)
+    _store_projection(acc, out_ptr, res_ptr, bias_ptr, scale_ptr, rm, m_mask, rn, n_mask, stride_out, stride_res,
+                      RES, BIAS, FP8)
 
 
 # Decode projections run through these kernels up to SKINNY_MAX_ROWS rows (cuBLAS or

@@ -189,10 +189,7 @@ class CudaRuntime(ModelRuntime):
         logger.info("captured the decode CUDA graph for batch %d in %.2f s", rows, time.perf_counter() - start)
 
     def warm_up(self) -> None:
-        self.capture_all()
-
-    def capture_all(self) -> None:
-        """Capture every bucket's graph now (server warm-up) instead of on first use."""
+        """Capture every bucket's graph now instead of on first use."""
         if self.use_cuda_graphs:
             with torch.inference_mode():
                 for rows in reversed(self.buckets):
