@@ -21,6 +21,7 @@ Usage: python bench/gpu_bench.py [--sweep] [--offline-requests 1000] [--out DIR]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -151,7 +152,7 @@ def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=Non
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
 
-    buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < 2 * max_num_seqs)
+    buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < 2 * max_num_seqs)
     config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets)
     max_model_len = max_model_len or spec.max_position_embeddings
     runtime = CudaRuntime(spec, weights, torch.bfloat16, "cuda", use_fp8=fp8, config=config,
@@ -161,8 +162,6 @@ def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=Non
 
 def make_engine(runtime, config, max_model_len, num_blocks=None, **overrides):
     """LLMEngine over `runtime`; its KV pool sized from free GPU memory unless num_blocks."""
-    import dataclasses
-
     from engine.llm_engine import LLMEngine
 
     config = dataclasses.replace(config, num_kv_blocks=num_blocks, **overrides)
@@ -175,8 +174,10 @@ def make_engine(runtime, config, max_model_len, num_blocks=None, **overrides):
 def greedy_params(prompt_len: int, new_tokens: int, max_model_len: int):
     from engine.generation_config import resolve_sampling_params
 
-    return resolve_sampling_params({}, None, prompt_len=prompt_len, max_model_len=max_model_len,
-                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    params = resolve_sampling_params({}, None, prompt_len=prompt_len, max_model_len=max_model_len,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    # Token ids out, once per request, as generate() asks for them.
+    return dataclasses.replace(params, detokenize=False, final_output_only=True)
 
 
 def run_offline(engine, prompts: list[list[int]], new_tokens: int, max_model_len: int) -> tuple[float, list[list[int]]]:
@@ -716,25 +717,21 @@ def bench_ours(engine, label, batch, new_tokens=256, prompt_len=128, max_model_l
     profile_steps(engine, prompts_for(batch, prompt_len, 32000, seed=seed + 50), 64, max_model_len)
 
 
-def profile_decode_steps(engine, vocab: int, rows: int, max_model_len: int, steps: int = 5) -> None:
-    """Where the host and the GPU spend a decode step of `rows` sequences (torch.profiler)."""
+def _profile(engine, label: str, steps: int) -> None:
+    """Host self time and GPU time by kind of the next `steps` engine steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.sequence import Request
-
-    params = greedy_params(128, 64, max_model_len)
-    for i, p in enumerate(prompts_for(rows, 128, vocab, seed=99)):
-        engine.add_request(Request(f"prof{i}", list(p), params, lambda out: None))
-    for _ in range(40):  # through the prefills, into steady decoding
-        engine.step()
     sync()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         sync()
+        wall = time.perf_counter() - start
     events = prof.key_averages()
     cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
-    say(f"  {rows}-row decode steps, host self time per step (us): "
+    say(f"  {label}: {wall / steps * 1e3:.1f} ms a step under the profiler; host self time per step (us): "
         + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / steps:.0f}" for e in cpu))
     groups: dict[str, float] = {}
     for e in events:
@@ -742,16 +739,35 @@ def profile_decode_steps(engine, vocab: int, rows: int, max_model_len: int, step
             continue
         key = _kernel_kind(e.key)
         groups[key] = groups.get(key, 0.0) + e.self_device_time_total
-    say(f"  {rows}-row decode steps, GPU time per step (us): "
-        + ", ".join(f"{k} {v / steps:.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
+    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    say(f"  {label}: top kernels per step (us): "
+        + ", ".join(f"{e.key[:60]} {e.self_device_time_total / steps:.0f}" for e in kernels[:8]))
+    say(f"  {label}: GPU time per step (us): "
+        + ", ".join(f"{k} {v / steps:.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1]))
+        + f"; allocator retries (each frees cached memory, a device sync): "
+        f"{torch.cuda.memory_stats().get('num_alloc_retries', 0) - retries}")
+
+
+def profile_steps_by_phase(engine, vocab: int, rows: int, max_model_len: int) -> None:
+    """Profile prefill-only steps (a full token budget of fresh prompts), then decode
+    steps of `rows` sequences once every prompt is in."""
+    from engine.sequence import Request
+
+    params = greedy_params(128, 64, max_model_len)
+    for i, p in enumerate(prompts_for(rows, 128, vocab, seed=99)):
+        engine.add_request(Request(f"prof{i}", list(p), params, lambda out: None))
+    _profile(engine, "prefill-only steps", 2)
+    for _ in range(40):  # through the prefills, into steady decoding
+        engine.step()
+    _profile(engine, f"{rows}-row decode steps", 5)
     engine.abort_all()
     while engine.has_work:
         engine.step()
 
 
 @section("Llama-3-8B shape offline throughput")
-def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256):
-    label = f"{'fp8' if fp8 else 'bf16'}_seqs{max_num_seqs}"
+def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256, batched_tokens=4096):
+    label = f"{'fp8' if fp8 else 'bf16'}_seqs{max_num_seqs}" + (f"_tokens{batched_tokens}" if batched_tokens != 4096 else "")
     free_memory()
     spec = spec_for(LLAMA3_8B)
     weights = random_weights(LLAMA3_8B)
@@ -760,7 +776,7 @@ def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_
     del weights
     free_memory()
     free_before = torch.cuda.mem_get_info()[0]
-    engine, blocks = make_engine(runtime, config, max_model_len, max_num_batched_tokens=4096)
+    engine, blocks = make_engine(runtime, config, max_model_len, max_num_batched_tokens=batched_tokens)
     per_block = runtime.kv_cache_bytes_per_block(config.block_size)
     say(f"{label}: weights {runtime.model.weight_bytes() / 1e9:.2f} GB; {runtime.kv_pool_report}")
     RESULTS[f"kv_pool_8b_{label}"] = {"blocks": blocks, "gib": blocks * per_block / 2**30,
@@ -780,7 +796,7 @@ def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_
     try:
         step_ms = _graph_step_ms(runtime, max_num_seqs)
         say(f"  graph replay of one {max_num_seqs}-row decode step (256-token contexts): {step_ms * 1e3:.0f} us")
-        profile_decode_steps(engine, LLAMA3_8B["vocab_size"], max_num_seqs, max_model_len)
+        profile_steps_by_phase(engine, LLAMA3_8B["vocab_size"], max_num_seqs, max_model_len)
     except Exception as exc:
         say(f"  decode-step profile unavailable: {exc!r}")
     del engine, runtime
@@ -812,12 +828,23 @@ def summary():
         say(line)
 
 
+def offline_configs(text: str) -> list[tuple[bool, int, int]]:
+    """"bf16:256,fp8:512:8192" -> [(False, 256, 4096), (True, 512, 8192)]."""
+    configs = []
+    for item in text.split(","):
+        weights, seqs, *tokens = item.split(":")
+        configs.append((weights == "fp8", int(seqs), int(tokens[0]) if tokens else 4096))
+    return configs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="time GEMV tile configs first")
     ap.add_argument("--offline-requests", type=int, default=1000, help="Llama-3-8B run; 0 skips it")
     ap.add_argument("--skip-hf-bench", action="store_true")
     ap.add_argument("--only-offline", action="store_true", help="only the Llama-3-8B throughput runs")
+    ap.add_argument("--offline-configs", default="bf16:256,fp8:256,bf16:512,fp8:512",
+                    help="Llama-3-8B runs as weights:max_num_seqs[:max_num_batched_tokens], comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -827,8 +854,8 @@ def main():
     environment()
     bandwidth()
     if args.only_offline:
-        for fp8, seqs in ((False, 256), (True, 256), (True, 512)):
-            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs)
+        for fp8, seqs, tokens in offline_configs(args.offline_configs):
+            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs, batched_tokens=tokens)
         (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
         (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")
         return
@@ -868,8 +895,8 @@ def main():
     hf = engine = built = built8 = runtime = runtime8 = engine8 = None  # noqa: F841 (free the 7B models)
     free_memory()
     if args.offline_requests:
-        for fp8, seqs in ((False, 256), (True, 256), (False, 512), (True, 512)):
-            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs)
+        for fp8, seqs, tokens in offline_configs(args.offline_configs):
+            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs, batched_tokens=tokens)
         summary()
     (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")

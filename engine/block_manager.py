@@ -118,8 +118,10 @@ class BlockManager:
 
     def slots_needed(self, table: BlockTable, num_computed: int, num_new_tokens: int) -> int:
         """Free blocks that appending num_new_tokens after num_computed would take."""
-        need = max(0, self.blocks_needed(num_computed + num_new_tokens) - len(table.blocks))
-        if self._needs_copy_on_write(table, num_computed):
+        blocks, bs = table.blocks, self.block_size
+        need = max(0, -(-(num_computed + num_new_tokens) // bs) - len(blocks))
+        index = num_computed // bs  # copy-on-write of the block written first (see allocate)
+        if index < len(blocks) and self.blocks[blocks[index]].ref_count > 1:
             need += 1
         return need
 
@@ -144,7 +146,7 @@ class BlockManager:
             self._decref(src)
             table.blocks[index] = dst
             copies.append((src, dst))
-        while len(table.blocks) < self.blocks_needed(num_computed + num_new_tokens):
+        for _ in range(self.blocks_needed(num_computed + num_new_tokens) - len(table.blocks)):
             table.blocks.append(self._take_free_block())
         return copies
 
@@ -170,7 +172,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(min(num_computed, len(token_ids)) // bs, len(table.blocks))
+        full = min(num_computed, len(token_ids)) // bs
+        if full <= table.num_hashed:  # most calls: no block filled up since the last one
+            return
+        full = min(full, len(table.blocks))
         for i in range(table.num_hashed, full):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(table.last_hash, tokens)

@@ -129,7 +129,8 @@ class LLMEngine:
         sampled = [s for s in out.scheduled if s.sample]
         for logits_row, s in enumerate(sampled):
             request, seq = s.request, s.seq
-            needs_host_tokens = needs_host_tokens or _needs_host_tokens(request)
+            if not needs_host_tokens:
+                needs_host_tokens = _needs_host_tokens(request)
             if request.beam_search is not None:
                 beam_rows.setdefault(request.request_id, []).append((request.seqs.index(seq), logits_row))
                 continue
@@ -168,8 +169,8 @@ def _needs_host_tokens(request: Request) -> bool:
     """Whether the request's next step needs this step's tokens on the host: beam steps,
     a first token that forks the request, and penalties that read the token history."""
     params = request.params
-    return (request.beam_search is not None or (not request.forked and params.num_return_sequences > 1)
-            or params.repetition_penalty != 1.0 or params.no_repeat_ngram_size > 0)
+    return (params.reads_history or request.beam_search is not None
+            or (not request.forked and params.num_return_sequences > 1))
 
 
 class _LaunchedStep:
@@ -189,6 +190,11 @@ class _LaunchedStep:
         """Wait for the step's samples; the only wait on the device."""
         samples = StepSamples(beams=self._beams)
         if self._pending is not None:
+            tokens = samples.tokens
             for seq_id, result in zip(self._row_owner, self._sampler.results(self._pending)):
-                samples.tokens.setdefault(seq_id, []).append(result)
+                entry = tokens.get(seq_id)
+                if entry is None:
+                    tokens[seq_id] = [result]
+                else:
+                    entry.append(result)
         return samples

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -95,6 +95,9 @@ class CausalLM:
         if ids.dim() != 2 or ids.numel() == 0 or ids.is_floating_point():
             raise InvalidParameterError("input_ids", f"expected a non-empty [batch, length] integer tensor, got shape {tuple(ids.shape)}")
         params = self.engine._loaded.resolve_params(ids.shape[1], generation_config, **kwargs)
+        # generate() returns token ids once all are there: the engine need not build text
+        # as it goes, nor report each step.
+        params = replace(params, detokenize=False, final_output_only=True)
         mask = self._attention_mask(ids, attention_mask, params)
         requests = []
         for row, row_mask in zip(ids.tolist(), mask.tolist()):

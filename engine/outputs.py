@@ -1,4 +1,9 @@
-"""Immutable per-step outputs that leave the engine."""
+"""Per-step outputs that leave the engine.
+
+They are values: the engine never changes one after handing it out, and consumers must
+not either. They are plain slotted dataclasses rather than frozen ones because the step
+loop builds one or two per request per step, and a frozen dataclass costs three times
+as much to build (2.6 against 0.85 us): at 256 rows that alone was about 1 ms a step."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the model step failed for this request
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenLogprob:
     token_id: int
     logprob: float
@@ -23,7 +28,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SequenceOutput:
     """What one sequence of a request produced in one step (a delta)."""
 
@@ -35,7 +40,7 @@ class SequenceOutput:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestOutput:
     """One step's news for one request.
 

@@ -37,6 +37,14 @@ class SamplingParams:
     ignore_eos: bool = False
     # Per-token logprobs of the chosen token, plus this many top alternatives (None: off).
     logprobs: int | None = None
+    # Produce text deltas alongside token ids. generate(), which returns token ids only,
+    # turns it off and saves the step loop the incremental detokenizing; stop strings
+    # are matched on text, so they keep the detokenizer on whatever this says.
+    detokenize: bool = True
+    # Deliver one RequestOutput, when the request finishes, instead of one per step with
+    # that step's tokens. generate() does not stream, so it asks for this and spares the
+    # step loop building and handing over an output per request and step.
+    final_output_only: bool = False
 
     @property
     def use_beam_search(self) -> bool:
@@ -48,6 +56,15 @@ class SamplingParams:
         return self.num_beams if self.use_beam_search else self.num_return_sequences
 
     @functools.cached_property  # asked per sequence and step; the params never change
+    def reads_history(self) -> bool:
+        """Whether choosing a token reads the tokens before it (penalties on the history)."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    @functools.cached_property
+    def needs_text(self) -> bool:
+        return self.detokenize or bool(self.stop_strings)
+
+    @functools.cached_property
     def all_stop_token_ids(self) -> frozenset[int]:
         ids = set(self.stop_token_ids)
         if not self.ignore_eos:

@@ -41,7 +41,7 @@ from engine.stop import check_stop, reaches_length
 Plan = list[tuple[Sequence, int, bool]]
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     request: Request
     seq: Sequence
@@ -139,9 +139,9 @@ class Scheduler:
         seq_slots = self.config.max_num_seqs
         preempted = False
 
-        queue = list(self.running)  # oldest first; preemption victims come off the end
+        queue = deque(self.running)  # oldest first; preemption victims come off the end
         while queue:
-            request = queue.pop(0)
+            request = queue.popleft()
             plan = self._plan(request, budget, seq_slots)
             if plan is None:
                 continue  # no budget left for it this step; it keeps its blocks
@@ -158,8 +158,7 @@ class Scheduler:
                     self._preempt(request)
                     preempted = True
                 continue
-            self._commit(request, plan, out)
-            budget -= sum(n for _, n, _ in plan)
+            budget -= self._commit(request, plan, out)
             seq_slots -= len(plan)
 
         # Admit waiting requests in arrival order, unless this step had to preempt.
@@ -183,8 +182,7 @@ class Scheduler:
                 self.prefix_queries += request.prompt_len
                 self.prefix_hits += request.num_cached_tokens
             self.running.append(request)
-            self._commit(request, plan, out)
-            budget -= sum(n for _, n, _ in plan)
+            budget -= self._commit(request, plan, out)
             seq_slots -= len(plan)
 
         # One-token chunks go first: the runtime attends to them as one batched decode.
@@ -205,6 +203,17 @@ class Scheduler:
         return reaches_length(total - seq.prompt_len, total, request.params, self.max_model_len)
 
     def _plan(self, request: Request, budget: int, seq_slots: int) -> Plan | None:
+        if len(request.seqs) == 1:  # the usual request; the same rule as below, spelt out for speed
+            seq = request.seqs[0]
+            if seq.finish_reason is not None or seq_slots < 1:
+                return None
+            if seq.num_inflight and self._finishes_by_length(request, seq):  # (the guard saves a call)
+                return None
+            pending = seq.num_pending
+            if pending <= budget:
+                return [(seq, pending, True)]
+            n = min(pending - 1, budget)
+            return [(seq, n, False)] if n > 0 else None
         live = [s for s in request.live_seqs if not self._finishes_by_length(request, s)]
         if not live or len(live) > seq_slots:
             return None
@@ -219,13 +228,21 @@ class Scheduler:
         return plan or None
 
     def _fits(self, plan: Plan) -> bool:
-        need = sum(self.blocks.slots_needed(s.table, s.num_computed, n) for s, n, _ in plan)
+        need = 0
+        for seq, n, _ in plan:
+            need += self.blocks.slots_needed(seq.table, seq.num_computed, n)
         return need <= self.blocks.num_free_blocks
 
-    def _commit(self, request: Request, plan: Plan, out: SchedulerOutput) -> None:
+    def _commit(self, request: Request, plan: Plan, out: SchedulerOutput) -> int:
+        """Allocate the plan's slots and schedule it; returns its token count."""
+        tokens = 0
         for seq, n, sample in plan:
-            out.copies.extend(self.blocks.allocate(seq.table, seq.num_computed, n))
+            copies = self.blocks.allocate(seq.table, seq.num_computed, n)
+            if copies:
+                out.copies.extend(copies)
             out.scheduled.append(ScheduledSeq(request, seq, n, sample))
+            tokens += n
+        return tokens
 
     def _release(self, request: Request) -> None:
         for seq in request.seqs:
@@ -251,40 +268,52 @@ class Scheduler:
     # ---- the update step ----------------------------------------------------------------
     def commit(self, out: SchedulerOutput) -> None:
         """The step was launched: its tokens' KV is being written, its samples are in flight."""
+        bs = self.blocks.block_size
         for s in out.scheduled:
-            s.seq.num_computed += s.num_tokens
-            self.blocks.register_full_blocks(s.seq.table, s.seq.token_ids, s.seq.num_computed)
+            seq = s.seq
+            seq.num_computed += s.num_tokens
+            if seq.num_computed // bs > seq.table.num_hashed:  # a block may have filled up
+                self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed)
             if s.sample:
-                s.seq.num_inflight += 1
+                seq.num_inflight += 1
 
     def update_from_output(self, out: SchedulerOutput, samples: StepSamples) -> list[RequestOutput]:
         """Apply a committed step's samples. Requests and sequences that finished since
         (aborted, or stopped by the step before) ignore theirs."""
         outputs = list(out.outputs)
-        sampled: dict[int, tuple[Request, list[ScheduledSeq]]] = {}  # by request, in schedule order
+        by_request: dict[int, list[ScheduledSeq]] = {}  # the sampled sequences of each request, in order
         for s in out.scheduled:
             if s.sample:
                 s.seq.num_inflight -= 1
-                sampled.setdefault(id(s.request), (s.request, []))[1].append(s)
-        for request, scheduled in sampled.values():
+                group = by_request.get(id(s.request))
+                if group is None:
+                    by_request[id(s.request)] = [s]
+                else:
+                    group.append(s)
+        tokens = samples.tokens
+        bs = self.blocks.block_size
+        for group in by_request.values():
+            request = group[0].request
             if request.finished:
                 continue
             if request.beam_search is not None:
                 self._apply_beam_step(request, samples.beams[request.request_id])
             elif not request.forked:
-                self._fork(request, samples.tokens[request.seqs[0].seq_id])
+                self._fork(request, tokens[request.seqs[0].seq_id])
             else:
-                for s in scheduled:
-                    if not s.seq.finished:
-                        self._append(request, s.seq, samples.tokens[s.seq.seq_id][0])
-            for seq in request.live_seqs:
+                for s in group:
+                    if s.seq.finish_reason is None:
+                        self._append(request, s.seq, tokens[s.seq.seq_id][0])
+            live = request.live_seqs
+            for seq in live:
                 # Blocks whose last token was in flight at commit can be hashed now.
-                self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed)
-            if not request.live_seqs or (request.beam_search is not None and request.beam_search.done):
+                if seq.num_computed // bs > seq.table.num_hashed:
+                    self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed)
+            if not live or (request.beam_search is not None and request.beam_search.done):
                 # A request preempted after its step was launched finishes from the waiting queue.
                 (self.running if request in self.running else self.waiting).remove(request)
                 outputs.append(self._finish(request, None))
-            else:
+            elif not request.params.final_output_only:  # otherwise the deltas pile up until the end
                 outputs.append(self._output(request))
         return outputs
 
@@ -311,11 +340,15 @@ class Scheduler:
         seq.cumulative_logprob += result.logprob
         if params.logprobs is not None:
             seq.new_logprobs.append(TokenLogprob(token, result.logprob, tuple(result.top_logprobs)))
-        if seq.detokenizer is None:
-            seq.detokenizer = self.text.detokenizer(params)
-        step = seq.detokenizer.push(token)
-        seq.new_text += step.text
-        reason = check_stop(token, seq.num_generated, len(seq.token_ids), params, self.max_model_len, step.stopped)
+        stop_string_hit = False
+        if params.needs_text:
+            if seq.detokenizer is None:
+                seq.detokenizer = self.text.detokenizer(params)
+            step = seq.detokenizer.push(token)
+            seq.new_text += step.text
+            stop_string_hit = step.stopped
+        total = len(seq.token_ids)
+        reason = check_stop(token, total - seq.prompt_len, total, params, self.max_model_len, stop_string_hit)
         if reason is not None:
             self._finish_seq(seq, reason)
 
@@ -362,20 +395,19 @@ class Scheduler:
         return self._output(request)
 
     def _output(self, request: Request) -> RequestOutput:
+        with_logprobs = request.params.logprobs is not None
         sequences = []
         for seq in request.seqs:
-            if not (seq.new_token_ids or seq.new_text or seq.finished and not seq.finish_reported):
+            finished = seq.finish_reason is not None
+            if not (seq.new_token_ids or seq.new_text or finished and not seq.finish_reported):
                 continue
-            sequences.append(SequenceOutput(
-                index=seq.index,
-                token_ids=tuple(seq.new_token_ids),
-                text=seq.new_text,
-                finish_reason=seq.finish_reason,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=tuple(seq.new_logprobs) if request.params.logprobs is not None else None,
-            ))
-            seq.new_token_ids, seq.new_text, seq.new_logprobs = [], "", []
-            seq.finish_reported = seq.finished
+            sequences.append(SequenceOutput(seq.index, tuple(seq.new_token_ids), seq.new_text, seq.finish_reason,
+                                            seq.cumulative_logprob,
+                                            tuple(seq.new_logprobs) if with_logprobs else None))
+            seq.new_token_ids, seq.new_text = [], ""
+            if with_logprobs:
+                seq.new_logprobs = []
+            seq.finish_reported = finished
         return self._request_output(request, sequences)
 
     def _beam_output(self, request: Request) -> RequestOutput:
@@ -384,23 +416,19 @@ class Scheduler:
         for i, hyp in enumerate(request.beam_search.finalize()):
             ids = tuple(hyp.token_ids)
             reason = FinishReason.EOS if ids and ids[-1] in eos else FinishReason.LENGTH
-            sequences.append(SequenceOutput(index=i, token_ids=ids, text=self.text.decode(request.params, ids),
+            sequences.append(SequenceOutput(index=i, token_ids=ids, text=self._beam_text(request.params, ids),
                                             finish_reason=reason, cumulative_logprob=float(hyp.score)))
         request.beam_completion_tokens = sum(len(s.token_ids) for s in sequences)
         return self._request_output(request, sequences)
+
+    def _beam_text(self, params, token_ids) -> str:
+        return self.text.decode(params, token_ids) if params.needs_text else ""
 
     def _request_output(self, request: Request, sequences: list[SequenceOutput]) -> RequestOutput:
         completion = request.beam_completion_tokens
         if completion is None:
             completion = request.num_completion_tokens
-        return RequestOutput(
-            request_id=request.request_id,
-            sequences=tuple(sequences),
-            finished=request.finished,
-            prompt_tokens=request.prompt_len,
-            completion_tokens=completion,
-            cached_tokens=request.num_cached_tokens,
-            error=request.error,
-            queue_time_s=(request.first_scheduled_time - request.arrival_time
-                          if request.first_scheduled_time is not None else None),
-        )
+        queued = request.first_scheduled_time
+        return RequestOutput(request.request_id, tuple(sequences), request.finished, request.prompt_len, completion,
+                             request.num_cached_tokens, request.error,
+                             queued - request.arrival_time if queued is not None else None)

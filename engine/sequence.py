@@ -95,7 +95,7 @@ class Request:
 
     @property
     def live_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.finished]
+        return [s for s in self.seqs if s.finish_reason is None]
 
     @property
     def finished(self) -> bool:
@@ -103,4 +103,6 @@ class Request:
 
     @property
     def num_completion_tokens(self) -> int:
+        if len(self.seqs) == 1:  # asked per request and step
+            return self.seqs[0].num_generated
         return sum(s.num_generated for s in self.seqs)

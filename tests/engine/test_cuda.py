@@ -191,6 +191,54 @@ def test_paged_decode_attention(heads, kv_heads, splits, window):
     assert out[1].abs().sum() == 0  # an empty context (padding row) gives zeros
 
 
+def ref_prefill_attention(qkv, cache, chunks, H, KVH, D, scale, window=None):
+    """Each chunk's queries against its context's keys from the cache, in float64."""
+    out = torch.zeros(qkv.shape[0], H * D, dtype=torch.float64)
+    group = H // KVH
+    for start, qlen, ctx, blocks in chunks:
+        kv = cache[torch.tensor(blocks)].flatten(0, 1)[:ctx].double()
+        for i in range(qlen):
+            pos = ctx - qlen + i
+            q = qkv[start + i, : H * D].view(H, D).double()
+            for h in range(H):
+                s = (kv[: pos + 1, h // group] @ q[h]) * scale
+                if window:
+                    s[: max(0, pos + 1 - window)] = -float("inf")
+                out[start + i, h * D : (h + 1) * D] = s.softmax(0) @ kv[: pos + 1, KVH + h // group]
+    return out
+
+
+@cuda_only
+@pytest.mark.parametrize("cached_prefix", [False, True])
+@pytest.mark.parametrize("window", [None, 6])
+def test_flash_prefill_attention(cached_prefix, window):
+    """Chunks of different lengths, one after a cached prefix, in one varlen call; the
+    fresh chunks' keys read from the projection must agree with those in the cache."""
+    from engine.runtime.cuda.prefill import available, prefill_attention, prefill_inputs
+
+    if not available(torch.bfloat16, DEVICE):
+        pytest.skip("this torch has no varlen FlashAttention")
+    g = torch.Generator().manual_seed(5)
+    H, KVH, D, bs = 8, 2, 64, 4
+    cache = torch.randn(32, bs, 2 * KVH, D, generator=g).to(torch.bfloat16)
+    qkv = torch.randn(2 + 7 + 3 + 5, (H + 2 * KVH) * D, generator=g).to(torch.bfloat16)
+    # Rows 0-1 are decode rows (not prefill); then chunks of 7 and 3 fresh tokens, and 5
+    # tokens after 9 cached ones.
+    chunks = [(2, 7, 7, [3, 9]), (9, 3, 3, [4]), (12, 5, 14, [20, 21, 22, 23])]
+    if not cached_prefix:
+        chunks = chunks[:2]
+    for start, qlen, ctx, blocks in chunks:  # this step's keys and values, as rope_and_cache writes them
+        for i in range(qlen):
+            p = ctx - qlen + i
+            cache[blocks[p // bs], p % bs] = qkv[start + i, H * D :].view(2 * KVH, D)
+    inputs = prefill_inputs(chunks, bs, DEVICE)
+    assert (inputs.kv_slots is None) == (not cached_prefix)
+    out = prefill_attention(qkv.to(DEVICE), cache.to(DEVICE), inputs, H, KVH, D, D**-0.5, window)
+    rows = sum(q for _, q, _, _ in chunks)
+    expected = ref_prefill_attention(qkv, cache, chunks, H, KVH, D, D**-0.5, window)[2 : 2 + rows]
+    torch.testing.assert_close(out.cpu().double(), expected, atol=2e-2, rtol=0)
+
+
 # ---- the runtime against transformers --------------------------------------------------------
 
 
@@ -309,9 +357,9 @@ def test_sliding_window_matches_transformers():
     assert worst_abs < 1e-4 and agree, worst_abs
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_bf16_runtime_close_to_transformers(kind):
-    model, spec = tiny_model(kind, torch.bfloat16)
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 5})])
+def test_bf16_runtime_close_to_transformers(kind, overrides):
+    model, spec = tiny_model(kind, torch.bfloat16, **overrides)
     rows = run_script(make_runtime(spec, model, torch.bfloat16, graphs=HAS_CUDA))
     _, worst_rel, _ = compare_with_reference(model, rows)
     assert worst_rel < (6e-2 if INTERPRET else 2e-2), worst_rel  # the interpreter truncates to bf16

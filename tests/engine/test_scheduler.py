@@ -6,6 +6,7 @@ block table (tests/engine/fake_runtime.py), so any paging mistake changes tokens
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -182,6 +183,50 @@ def test_overlap_launches_the_next_step_before_reading_tokens_back(tokenizer, ov
     assert runtime.forward_calls == 5
     assert collector.tokens("a") == greedy_reference(prompt, 5)
     assert_all_blocks_free(engine)
+
+
+def finish_reasons(collector, request_id):
+    return sorted((s.index, s.finish_reason) for o in collector.outputs[request_id] for s in o.sequences
+                  if s.finish_reason is not None)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_final_output_only_reports_once_with_every_token(tokenizer, overlap):
+    """What generate() asks for: one output per request, at the end, holding what the
+    per-step outputs would have held together (tokens, logprobs, finish reasons)."""
+    prompts = random_prompts(3, seed=21)
+    eos = greedy_reference(prompts[1], 10)[3]
+    arrivals = [(0, "a", prompts[0], greedy(9, logprobs=2)), (1, "b", prompts[1], greedy(10, eos_token_ids=(eos,))),
+                (2, "c", prompts[2], SamplingParams(max_new_tokens=6, do_sample=True, num_return_sequences=2,
+                                                    seed=3))]
+    per_step = run(make_engine(tokenizer, overlap_steps=overlap), arrivals)
+    once = make_engine(tokenizer, overlap_steps=overlap)
+    final = run(once, [(t, rid, p, dataclasses.replace(params, final_output_only=True))
+                       for t, rid, p, params in arrivals])
+    for rid in "abc":
+        assert len(final.outputs[rid]) == 1 and final.final(rid).finished
+        assert len(per_step.outputs[rid]) > 1
+        for index in (0, 1) if rid == "c" else (0,):
+            assert final.tokens(rid, index) == per_step.tokens(rid, index)
+        assert finish_reasons(final, rid) == finish_reasons(per_step, rid)
+    steps_logprobs = [lp for o in per_step.outputs["a"] for s in o.sequences for lp in s.logprobs]
+    assert list(final.final("a").sequences[0].logprobs) == steps_logprobs
+    assert_all_blocks_free(once)
+
+
+def test_detokenize_off_builds_no_text_but_keeps_stop_strings(tokenizer):
+    prompt = random_prompts(1, seed=22)[0]
+    with_text = run(make_engine(tokenizer), [(0, "a", prompt, greedy(8))])
+    text = "".join(s.text for o in with_text.outputs["a"] for s in o.sequences)
+    assert text  # the tiny tokenizer's tokens decode to something
+    no_text = run(make_engine(tokenizer), [(0, "a", prompt, greedy(8, detokenize=False))])
+    assert no_text.tokens("a") == with_text.tokens("a")
+    assert all(s.text == "" for o in no_text.outputs["a"] for s in o.sequences)
+    # Stop strings are matched on text, so they turn the detokenizer back on.
+    stop = text[len(text) // 2 :][:2]
+    stopped = run(make_engine(tokenizer), [(0, "a", prompt, greedy(8, detokenize=False, stop_strings=(stop,)))])
+    assert stopped.final("a").sequences[-1].finish_reason is FinishReason.STOP_STRING
+    assert "".join(s.text for o in stopped.outputs["a"] for s in o.sequences) == text[: text.index(stop)]
 
 
 def penalized_reference(prompt, n, penalty):

@@ -5,7 +5,9 @@ rows, fused gate|up, transformers' bf16 rounding order), with the per-layer work
 few launches: each projection is one cuBLAS GEMM or, at decode batch sizes, one Triton
 kernel that also adds the residual after it (and, for a few rows, does the RMSNorm or
 the SiLU * up before it); rope and the K/V cache write are one kernel; decode attention is one Triton
-kernel (plus a combine when the context is split). Every decode-path op has static
+kernel (plus a combine when the context is split); prefill attention is one varlen
+FlashAttention call over all of a step's chunks (engine/runtime/cuda/prefill.py), or SDPA
+for fresh chunks of one length and in float32. Every decode-path op has static
 shapes for a given batch bucket, so the step can be captured in a CUDA graph.
 """
 
@@ -22,6 +24,8 @@ from engine.runtime.base import ModelSpec
 from engine.runtime.cuda import kernels
 from engine.runtime.cuda.fp8 import Fp8Weight, quantize_rows, scaled_mm_linear
 from engine.runtime.cuda.kernels import gemv, paged_decode_attention, rms_norm, rope_and_cache, silu_mul
+from engine.runtime.cuda.prefill import PrefillInputs, prefill_attention, prefill_inputs
+from engine.runtime.cuda.prefill import available as flash_prefill_available
 from engine.transfer import to_device
 
 
@@ -54,6 +58,7 @@ class CudaLlama:
         self.spec, self.dtype, self.device, self.fp8 = spec, dtype, device, fp8
         self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.scale = spec.head_dim**-0.5
+        self._use_flash_prefill = flash_prefill_available(dtype, device)
         self.eps = spec.rms_norm_eps
         self._weights = weights
         self.embed = self._get("model.embed_tokens.weight").contiguous()
@@ -145,11 +150,12 @@ class CudaLlama:
                 prefill: list[tuple[int, int, int, list[int]]], logits_rows: torch.Tensor | None) -> torch.Tensor:
         """Logits (model dtype) of logits_rows (None: every row)."""
         h = F.embedding(input_ids, self.embed)
+        flash = self._flash_prefill(prefill, kv_caches[0].shape[1])
         for layer, cache in zip(self.layers, kv_caches):
             qkv = self.linear(h, layer.qkv, norm=layer.input_norm, bias=layer.qkv_bias)
             rope_and_cache(qkv, positions, slot_mapping, self.rope_table, cache, self.heads, self.kv_heads,
                            self.head_dim)
-            attn = self._attention(qkv, cache, decode, num_decodes, prefill)
+            attn = self._attention(qkv, cache, decode, num_decodes, prefill, flash)
             h = self.linear(attn, layer.o, bias=layer.o_bias, residual=h)
             gate_up = self.linear(h, layer.gate_up, norm=layer.post_norm, bias=layer.gate_up_bias)
             h = self.linear(gate_up, layer.down, act=True, bias=layer.down_bias, residual=h)
@@ -157,8 +163,22 @@ class CudaLlama:
         return self.linear(rows, self.lm_head, norm=self.norm)
 
     # ---- attention --------------------------------------------------------------------
+    def _flash_prefill(self, prefill: list, block_size: int) -> PrefillInputs | None:
+        """The step's prefill chunks as one varlen FlashAttention call, or None for SDPA.
+
+        Fresh chunks of one length stay with one batched SDPA call, which measured 2.5x
+        faster than varlen on the H100 (35 against 85 us for 32 chunks of 128 tokens, bf16;
+        SDPA picks a Hopper kernel there). Every other mix (lengths that differ, chunks
+        after a cached prefix) is one varlen call instead of one SDPA call per chunk."""
+        if not prefill or not self._use_flash_prefill:
+            return None
+        qlen = prefill[0][1]
+        if self.spec.sliding_window is None and all(q == qlen and ctx == q for _, q, ctx, _ in prefill):
+            return None
+        return prefill_inputs(prefill, block_size, self.device)
+
     def _attention(self, qkv: torch.Tensor, cache: torch.Tensor, decode: DecodeInputs | None, n: int,
-                   prefill: list) -> torch.Tensor:
+                   prefill: list, flash: PrefillInputs | None) -> torch.Tensor:
         H, D = self.heads, self.head_dim
         window = self.spec.sliding_window
         if not prefill:
@@ -168,6 +188,10 @@ class CudaLlama:
         if n:
             paged_decode_attention(qkv[:n], cache, decode.tables, decode.context_lens, H, self.kv_heads, D,
                                    self.scale, decode.splits, window, out=out[:n])
+        if flash is not None:
+            out[flash.start : flash.start + flash.rows] = prefill_attention(qkv, cache, flash, H, self.kv_heads, D,
+                                                                            self.scale, window)
+            return out
         for start, count, qlen, group in self._prefill_groups(prefill):
             out[start : start + count * qlen] = self._prefill(qkv, cache, start, count, qlen, group)
         return out
