@@ -148,12 +148,13 @@ class StubTokenizer:
         return ""
 
 
-def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=None, graphs=True):
+def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=None, graphs=True, kv8=False):
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < 2 * max_num_seqs)
-    config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets)
+    config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets,
+                          kv_cache_dtype="fp8" if kv8 else "auto")
     max_model_len = max_model_len or spec.max_position_embeddings
     runtime = CudaRuntime(spec, weights, torch.bfloat16, "cuda", use_fp8=fp8, config=config,
                           max_model_len=max_model_len)
@@ -439,13 +440,13 @@ def build_hf():
 
 
 @section("ours bf16 build")
-def build_ours(hf, fp8=False):
+def build_ours(hf, fp8=False, kv8=False):
     weights = dict(hf.state_dict())
     start = time.perf_counter()
-    runtime, config, max_model_len = make_runtime(spec_for(LLAMA2_7B), weights, fp8=fp8)
+    runtime, config, max_model_len = make_runtime(spec_for(LLAMA2_7B), weights, fp8=fp8, kv8=kv8)
     sync()
     say(f"built in {time.perf_counter() - start:.1f} s; weights {runtime.model.weight_bytes() / 1e9:.2f} GB "
-        f"(fp8={runtime.fp8_enabled})")
+        f"(fp8={runtime.fp8_enabled}, KV cache {str(runtime.kv_dtype).removeprefix('torch.')})")
     return runtime, config, max_model_len
 
 
@@ -513,7 +514,10 @@ def check_graphs(runtime):
 
 
 @section("correctness: FP8 vs bf16")
-def check_fp8(runtime_bf16, runtime_fp8):
+def check_fp8(runtime_bf16, runtime_fp8, label="FP8", key="fp8"):
+    """Teacher-forced logits of `runtime_fp8` (FP8 weights, or an FP8 KV cache) on the
+    bf16 runtime's greedy tokens. Prefill attends to the fresh keys in either cache, so an
+    FP8 cache shows only at the decode positions."""
     prompt = prompts_for(1, 128, 32000, seed=4)[0]
     tokens, ref = greedy_logits(runtime_bf16, prompt, 64)
     drv = Driver(runtime_fp8)
@@ -526,9 +530,11 @@ def check_fp8(runtime_bf16, runtime_fp8):
     err = ((ours - ref).norm() / ref.norm()).item()
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     top1_dec = (ours[128:].argmax(-1) == ref[128:].argmax(-1)).float().mean().item()
-    say(f"FP8 vs bf16 logits over {ours.shape[0]} positions: relative error {err:.3e}; top-1 agreement "
-        f"{top1:.4f} (decode positions only: {top1_dec:.4f})")
-    RESULTS["fp8_rel_err"], RESULTS["fp8_top1"], RESULTS["fp8_top1_decode"] = err, top1, top1_dec
+    err_dec = ((ours[128:] - ref[128:]).norm() / ref[128:].norm()).item()
+    say(f"{label} vs bf16 logits over {ours.shape[0]} positions: relative error {err:.3e}; top-1 agreement "
+        f"{top1:.4f} (decode positions only: relative error {err_dec:.3e}, top-1 {top1_dec:.4f})")
+    RESULTS[f"{key}_rel_err"], RESULTS[f"{key}_top1"], RESULTS[f"{key}_top1_decode"] = err, top1, top1_dec
+    RESULTS[f"{key}_rel_err_decode"] = err_dec
 
 
 def _kernel_kind(name: str) -> str:
@@ -766,13 +772,15 @@ def profile_steps_by_phase(engine, vocab: int, rows: int, max_model_len: int) ->
 
 
 @section("Llama-3-8B shape offline throughput")
-def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256, batched_tokens=4096):
-    label = f"{'fp8' if fp8 else 'bf16'}_seqs{max_num_seqs}" + (f"_tokens{batched_tokens}" if batched_tokens != 4096 else "")
+def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256, batched_tokens=4096,
+                  kv8=False):
+    label = (f"{'fp8' if fp8 else 'bf16'}{'_kv8' if kv8 else ''}_seqs{max_num_seqs}"
+             + (f"_tokens{batched_tokens}" if batched_tokens != 4096 else ""))
     free_memory()
     spec = spec_for(LLAMA3_8B)
     weights = random_weights(LLAMA3_8B)
     runtime, config, max_model_len = make_runtime(spec, weights, fp8=fp8, max_num_seqs=max_num_seqs,
-                                                  max_model_len=4096)
+                                                  max_model_len=4096, kv8=kv8)
     del weights
     free_memory()
     free_before = torch.cuda.mem_get_info()[0]
@@ -828,12 +836,14 @@ def summary():
         say(line)
 
 
-def offline_configs(text: str) -> list[tuple[bool, int, int]]:
-    """"bf16:256,fp8:512:8192" -> [(False, 256, 4096), (True, 512, 8192)]."""
+def offline_configs(text: str) -> list[dict]:
+    """"bf16:256,fp8+kv8:512:8192" -> bench_offline keywords: weights (bf16 or fp8, "+kv8"
+    for an FP8 KV cache), max_num_seqs, max_num_batched_tokens (default 4096)."""
     configs = []
     for item in text.split(","):
         weights, seqs, *tokens = item.split(":")
-        configs.append((weights == "fp8", int(seqs), int(tokens[0]) if tokens else 4096))
+        configs.append({"fp8": weights.startswith("fp8"), "kv8": weights.endswith("+kv8"), "max_num_seqs": int(seqs),
+                        "batched_tokens": int(tokens[0]) if tokens else 4096})
     return configs
 
 
@@ -843,7 +853,7 @@ def main():
     ap.add_argument("--offline-requests", type=int, default=1000, help="Llama-3-8B run; 0 skips it")
     ap.add_argument("--skip-hf-bench", action="store_true")
     ap.add_argument("--only-offline", action="store_true", help="only the Llama-3-8B throughput runs")
-    ap.add_argument("--offline-configs", default="bf16:256,fp8:256,bf16:512,fp8:512",
+    ap.add_argument("--offline-configs", default="bf16:512:8192,fp8:512:8192,fp8+kv8:512:8192,fp8+kv8:1024:8192",
                     help="Llama-3-8B runs as weights:max_num_seqs[:max_num_batched_tokens], comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -854,8 +864,8 @@ def main():
     environment()
     bandwidth()
     if args.only_offline:
-        for fp8, seqs, tokens in offline_configs(args.offline_configs):
-            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs, batched_tokens=tokens)
+        for config in offline_configs(args.offline_configs):
+            bench_offline(args.offline_requests, **config)
         (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
         (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")
         return
@@ -889,14 +899,24 @@ def main():
     if built8 and built:
         bench_ours(engine8, "fp8", 1)
         bench_ours(engine8, "fp8", 32, repeats=1)
+    engine8 = runtime8 = built8 = None  # noqa: F841 (room for the FP8-KV model)
+    free_memory()
+    built_kv8 = build_ours(hf, kv8=True) if built else None
+    if built_kv8:
+        runtime_kv8, config_kv8, _ = built_kv8
+        engine_kv8, _ = make_engine(runtime_kv8, config_kv8, max_model_len, num_blocks=1000)
+        check_fp8(runtime, runtime_kv8, label="FP8 KV cache (bf16 weights)", key="kv8")
+        bench_ours(engine_kv8, "bf16+kv8", 1, repeats=1)
+        bench_ours(engine_kv8, "bf16+kv8", 32, repeats=1)
+        engine_kv8 = runtime_kv8 = built_kv8 = None  # noqa: F841
     summary()
     (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")
     hf = engine = built = built8 = runtime = runtime8 = engine8 = None  # noqa: F841 (free the 7B models)
     free_memory()
     if args.offline_requests:
-        for fp8, seqs, tokens in offline_configs(args.offline_configs):
-            bench_offline(args.offline_requests, fp8=fp8, max_num_seqs=seqs, batched_tokens=tokens)
+        for config in offline_configs(args.offline_configs):
+            bench_offline(args.offline_requests, **config)
         summary()
     (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")

@@ -15,6 +15,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory_fraction: float = 0.85
     kv_cache_bytes: int = 1 << 30
+    # What the KV cache stores: "auto", the model's dtype; or "fp8", e4m3 (CUDA runtime,
+    # bf16 or fp16 models), which halves the cache's memory and the bytes that decode
+    # attention reads. Values are stored as they are (no scale), clamped to +-448.
+    kv_cache_dtype: str = "auto"
     # Sequences decoded together in one step, at most.
     max_num_seqs: int = 64
     # Tokens (prefill chunks plus decodes) in one forward pass, at most.
@@ -56,6 +60,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -68,6 +68,9 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
     torch_dtype = pick_dtype(dtype, torch_device)
     logger.info("loading %s (%s) on %s in %s", folder, spec.architecture, torch_device, torch_dtype)
     max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    if config.kv_cache_dtype == "fp8" and not (torch_device.type == "cuda" and config.experimental_cuda_runtime
+                                               and config.tensor_parallel_size == 1):
+        raise ValueError("kv_cache_dtype: 'fp8' needs the CUDA runtime on one GPU")
     if config.tensor_parallel_size > 1:
         # Imported here: it starts worker processes, and one-rank engines never need it.
         from engine.parallel.tp_runtime import TensorParallelRuntime

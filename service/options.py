@@ -27,6 +27,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind.startswith("tuple"):
             group.add_argument(flag, type=_parse_ints, default=None, metavar="N,N,...", help=help_text)
+        elif kind == "str":
+            group.add_argument(flag, default=None, help=help_text)
         else:
             number = float if kind.startswith("float") else int
             group.add_argument(flag, type=number, default=None, help=help_text)

@@ -112,6 +112,29 @@ def test_fused_activation_quantization_equals_the_torch_reference(m, rows):
     assert torch.equal(q[m:].float(), torch.zeros(rows - m, 320, device=DEVICE))
 
 
+@cuda_only
+@pytest.mark.parametrize("prologue", ["norm", "act"])
+def test_quantization_with_a_fused_prologue_equals_the_kernels_in_turn(prologue):
+    """RMSNorm or SiLU * up fused into the activations' quantization: bit for bit what
+    rms_norm or silu_mul and then the plain quantization give (padding rows included)."""
+    from engine.runtime.cuda.fp8 import _MIN_SCALE, FP8_MAX
+    from engine.runtime.cuda.kernels import quantize_rows_fp8, rms_norm, silu_mul
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x = (torch.randn(37, 640, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(640 if prologue == "norm" else 320, generator=g).to(DEVICE, torch.bfloat16)
+    if prologue == "norm":
+        fused = quantize_rows_fp8(x, 48, _MIN_SCALE, FP8_MAX, norm=weight, eps=1e-5)
+        apart = quantize_rows_fp8(rms_norm(x, weight, 1e-5), 48, _MIN_SCALE, FP8_MAX)
+    else:
+        fused = quantize_rows_fp8(x, 48, _MIN_SCALE, FP8_MAX, act=True)
+        apart = quantize_rows_fp8(silu_mul(x), 48, _MIN_SCALE, FP8_MAX)
+    (q, scale), (q_ref, scale_ref) = fused, apart
+    assert q.shape == q_ref.shape == (48, 640 if prologue == "norm" else 320)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale, scale_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_and_cache_write(dtype):
     from engine.models.rope import RopeTable
@@ -152,6 +175,32 @@ def test_rope_and_cache_write(dtype):
     assert flat[untouched].abs().sum() == 0
 
 
+def fp8_capable() -> bool:
+    return HAS_CUDA and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@cuda_only
+def test_rope_and_cache_write_fp8():
+    """An FP8 cache holds the rotated bf16 keys and the values rounded to e4m3, and
+    saturates at +-448 instead of overflowing to NaN."""
+    from engine.runtime.cuda.kernels import rope_and_cache
+
+    if not fp8_capable():
+        pytest.skip("FP8 needs compute capability 8.9+")
+    H, KVH, D, T = 4, 2, 32, 3
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    qkv[1, (H + KVH) * D] = 1000.0  # a value beyond e4m3's range
+    table = torch.randn(2, 16, D // 2).to(torch.bfloat16).to(DEVICE)
+    positions, slots = torch.tensor([1, 2, 3], device=DEVICE), torch.tensor([0, 5, 9], device=DEVICE)
+    wide = torch.zeros(4, 4, 2 * KVH, D, dtype=torch.bfloat16, device=DEVICE)
+    narrow = torch.zeros(4, 4, 2 * KVH, D, dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn)
+    rope_and_cache(qkv.to(DEVICE), positions, slots, table, wide, H, KVH, D)
+    rope_and_cache(qkv.to(DEVICE), positions, slots, table, narrow, H, KVH, D)
+    expected = wide.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(narrow.view(torch.uint8), expected.view(torch.uint8))
+    assert narrow.float().view(-1, 2 * KVH, D)[5, KVH, 0] == 448.0
+
+
 def ref_decode_attention(q, cache, tables, ctx, H, KVH, D, scale, window=None):
     B = q.shape[0]
     out = torch.zeros(B, H * D, dtype=torch.float64)
@@ -189,6 +238,26 @@ def test_paged_decode_attention(heads, kv_heads, splits, window):
     # float32 output; bf16 probabilities in the P @ V product on the GPU.
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-2 if HAS_CUDA else 1e-5, rtol=0)
     assert out[1].abs().sum() == 0  # an empty context (padding row) gives zeros
+
+
+@cuda_only
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_attention_over_an_fp8_cache(splits):
+    from engine.runtime.cuda.kernels import paged_decode_attention
+
+    if not fp8_capable():
+        pytest.skip("FP8 needs compute capability 8.9+")
+    g = torch.Generator().manual_seed(11)
+    H, KVH, D, block_size = 8, 2, 64, 16
+    cache = torch.randn(40, block_size, 2 * KVH, D, generator=g).to(torch.float8_e4m3fn)
+    ctx = torch.tensor([37, 0, 200])
+    tables = (torch.randperm(3 * 13, generator=g) % 40).view(3, 13)
+    q = torch.randn(3, (H + 2 * KVH) * D, generator=g).to(torch.bfloat16)
+    out = paged_decode_attention(q.to(DEVICE), cache.to(DEVICE), tables.to(DEVICE), ctx.to(DEVICE), H, KVH, D,
+                                 D**-0.5, splits)
+    # The reference reads the same e4m3 values, widened: only the kernel's bf16 roundings differ.
+    expected = ref_decode_attention(q, cache.float(), tables, ctx, H, KVH, D, D**-0.5)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=1e-2, rtol=0)
 
 
 def ref_prefill_attention(qkv, cache, chunks, H, KVH, D, scale, window=None):
@@ -259,12 +328,14 @@ def tiny_model(kind: str, dtype: torch.dtype, **overrides):
     return model, spec
 
 
-def make_runtime(spec, model, dtype, graphs=True, fp8=False, num_blocks=96, block_size=4, max_num_seqs=8):
+def make_runtime(spec, model, dtype, graphs=True, fp8=False, num_blocks=96, block_size=4, max_num_seqs=8,
+                 kv_cache_dtype="auto"):
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
 
     weights = {k: v.detach() for k, v in model.state_dict().items()}
-    config = EngineConfig(use_cuda_graphs=graphs, max_num_seqs=max_num_seqs, block_size=block_size)
+    config = EngineConfig(use_cuda_graphs=graphs, max_num_seqs=max_num_seqs, block_size=block_size,
+                          kv_cache_dtype=kv_cache_dtype)
     runtime = CudaRuntime(spec, weights, dtype, DEVICE, use_fp8=fp8, config=config, max_model_len=256)
     runtime.init_kv_cache(num_blocks, block_size)
     return runtime
@@ -414,6 +485,35 @@ def test_fp8_weights_stay_close_to_bf16():
     errs = [rel(x[2], y[2]) for x, y in zip(ours, theirs)]
     top1 = sum(int(x[2].argmax()) == int(y[2].argmax()) for x, y in zip(ours, theirs)) / len(ours)
     assert max(errs) < 0.15 and top1 >= 0.8, (errs, top1)
+
+
+@cuda_only
+def test_fp8_kv_cache_stays_close_to_bf16():
+    """The same script over an FP8 cache, fed the bf16 run's tokens: prefill, chunked
+    prefill over a cached prefix (read back from the FP8 cache), and graph decodes."""
+    if not fp8_capable():
+        pytest.skip("FP8 needs compute capability 8.9+")
+    model, spec = tiny_model("llama", torch.bfloat16)
+    kv8 = make_runtime(spec, model, torch.bfloat16, kv_cache_dtype="fp8")
+    bf16 = make_runtime(spec, model, torch.bfloat16)
+    assert kv8.kv_cache.dtype == torch.float8_e4m3fn
+    assert 2 * kv8.kv_cache_bytes_per_block(16) == bf16.kv_cache_bytes_per_block(16)
+    theirs = run_script(bf16)
+    ours = run_script(kv8, follow=theirs)
+    errs = [rel(x[2], y[2]) for x, y in zip(ours, theirs)]
+    top1 = sum(int(x[2].argmax()) == int(y[2].argmax()) for x, y in zip(ours, theirs)) / len(ours)
+    print(f"fp8 KV against bf16 KV: max rel err {max(errs):.4f}, top-1 {top1:.3f}")
+    assert max(errs) < 0.15 and top1 >= 0.8, (errs, top1)
+
+
+def test_fp8_kv_cache_needs_the_cuda_runtime():
+    from engine.config import EngineConfig
+    from engine.runtime.cuda.runtime import CudaRuntime
+
+    model, spec = tiny_model("llama", torch.float32)
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        CudaRuntime(spec, weights, torch.float32, DEVICE, config=EngineConfig(kv_cache_dtype="fp8"))
 
 
 @cuda_only

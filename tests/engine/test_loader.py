@@ -251,3 +251,12 @@ def test_warm_start_does_not_import_transformers(default_model_folder):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_fp8_kv_cache_is_refused_off_the_cuda_runtime(tiny_llama):
+    from engine.factory import load_model
+
+    with pytest.raises(ValueError, match="kv_cache_dtype: 'fp8' needs the CUDA runtime"):
+        load_model(str(tiny_llama), device="cpu", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or 'fp8'"):
+        load_model(str(tiny_llama), device="cpu", kv_cache_dtype="int8")

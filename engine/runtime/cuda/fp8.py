@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.cuda.kernels import quantize_rows_fp8
+from engine.runtime.cuda.kernels import quantize_rows_fp8, rms_norm, silu_mul
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -46,16 +46,22 @@ def quantize_rows(w: torch.Tensor, chunk_rows: int = 4096) -> Fp8Weight:
     return Fp8Weight(q, scale)
 
 
-def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16) @ w.T through torch._scaled_mm with row-wise scales."""
+def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None, *,
+                     norm: torch.Tensor | None = None, eps: float = 0.0, act: bool = False) -> torch.Tensor:
+    """f(x) [M, K] (bf16/fp16) @ w.T through torch._scaled_mm with row-wise scales; f is
+    RMSNorm times `norm`, SiLU(gate) * up (`act`, x = [gate | up]) or the identity."""
     m = x.shape[0]
     if x.device.type != "cuda":  # CPU tests: the same function, dequantized
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
+        if act:
+            x = silu_mul(x)
         y = F.linear(x, w.dequantize(x.dtype))
         return y if bias is None else y + bias
-    # One kernel for the activations (absmax, scale and cast in one read of each row):
-    # the same in torch ops launches five, which cost more than the FP8 GEMM saved at
-    # 256 rows on the H100 (docs/benchmarks.md).
-    xq, xs = quantize_rows_fp8(x, m + (-m) % 16, _MIN_SCALE, FP8_MAX)
+    # One kernel for the prologue and the activations (norm or SiLU, absmax, scale and
+    # cast in one read of each row): the quantization alone in torch ops launches five,
+    # which cost more than the FP8 GEMM saved at 256 rows on the H100 (docs/benchmarks.md).
+    xq, xs = quantize_rows_fp8(x, m + (-m) % 16, _MIN_SCALE, FP8_MAX, norm=norm, eps=eps, act=act)
     y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale[None, :], out_dtype=x.dtype)
     y = y[:m]
     return y if bias is None else y + bias

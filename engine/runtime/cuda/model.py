@@ -24,7 +24,7 @@ from engine.runtime.base import ModelSpec
 from engine.runtime.cuda import kernels
 from engine.runtime.cuda.fp8 import Fp8Weight, quantize_rows, scaled_mm_linear
 from engine.runtime.cuda.kernels import gemv, paged_decode_attention, rms_norm, rope_and_cache, silu_mul
-from engine.runtime.cuda.prefill import PrefillInputs, prefill_attention, prefill_inputs
+from engine.runtime.cuda.prefill import PrefillInputs, gather_rows, prefill_attention, prefill_inputs
 from engine.runtime.cuda.prefill import available as flash_prefill_available
 from engine.transfer import to_device
 
@@ -136,11 +136,14 @@ class CudaLlama:
             q, scale = (w.q, w.scale) if isinstance(w, Fp8Weight) else (w, None)
             return gemv(x, q, scale=scale, norm=norm, eps=self.eps, act=act, bias=bias, residual=residual,
                         out=residual)
-        if norm is not None:
-            x = rms_norm(x, norm, self.eps)
-        if act:
-            x = silu_mul(x)
-        y = scaled_mm_linear(x, w, bias) if isinstance(w, Fp8Weight) else F.linear(x, w, bias)
+        if isinstance(w, Fp8Weight):  # the norm or SiLU is fused into the activations' quantization
+            y = scaled_mm_linear(x, w, bias, norm=norm, eps=self.eps, act=act)
+        else:
+            if norm is not None:
+                x = rms_norm(x, norm, self.eps)
+            if act:
+                x = silu_mul(x)
+            y = F.linear(x, w, bias)
         if residual is None:
             return y
         return residual.add_(y)
@@ -232,7 +235,7 @@ class CudaLlama:
                 context = rows[0, :, H * D :].unflatten(-1, (2 * KVH, D))
             else:
                 used = to_device(blocks[: -(-ctx_len // block_size)], torch.int64, qkv.device)
-                context = cache.index_select(0, used).flatten(0, 1)[:ctx_len]  # [ctx, 2 KVH, D]
+                context = gather_rows(cache, used, q.dtype).flatten(0, 1)[:ctx_len]  # [ctx, 2 KVH, D]
             k = context[:, :KVH].transpose(0, 1)[None]
             v = context[:, KVH:].transpose(0, 1)[None]
             q_pos = torch.arange(offset, ctx_len, device=qkv.device)[:, None]

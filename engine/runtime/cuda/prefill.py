@@ -10,7 +10,8 @@ over c keys sees keys [0, c - q + i].
 Keys and values: a chunk without a cached prefix attends to its own rows, so when every
 chunk is fresh they are read straight from the q|k|v projection. Otherwise every chunk's
 keys come from the paged cache (which rope_and_cache has just written this step's keys
-into), gathered by slot into one packed tensor.
+into), gathered by slot into one packed tensor and, from an FP8 cache, widened to the
+model dtype.
 
 FlashAttention runs in bf16 and fp16 only, so float32 models keep the SDPA path
 (engine/runtime/cuda/model.py).
@@ -87,6 +88,14 @@ def prefill_inputs(chunks: list[tuple[int, int, int, list[int]]], block_size: in
     )
 
 
+def gather_rows(table: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """table.index_select(0, index) in `dtype`. An FP8 cache is gathered as bytes (the
+    indexing kernels are not built for FP8) and then widened."""
+    if table.dtype.itemsize == 1:
+        return table.view(torch.uint8).index_select(0, index).view(table.dtype).to(dtype)
+    return table.index_select(0, index)
+
+
 def prefill_attention(qkv: torch.Tensor, cache: torch.Tensor, inputs: PrefillInputs, heads: int, kv_heads: int,
                       head_dim: int, scale: float, sliding_window: int | None) -> torch.Tensor:
     """Attention output [inputs.rows, heads * head_dim] of the prefill rows of qkv
@@ -99,7 +108,7 @@ def prefill_attention(qkv: torch.Tensor, cache: torch.Tensor, inputs: PrefillInp
         k = rows[:, H * D : (H + KVH) * D].unflatten(-1, (KVH, D))
         v = rows[:, (H + KVH) * D :].unflatten(-1, (KVH, D))
     else:
-        kv = cache.flatten(0, 1).index_select(0, inputs.kv_slots)  # [keys, 2 KVH, D]
+        kv = gather_rows(cache.flatten(0, 1), inputs.kv_slots, q.dtype)  # [keys, 2 KVH, D]
         k, v = kv[:, :KVH], kv[:, KVH:]
     # (left, 0): causal; left = W - 1 keeps W keys, transformers' sliding window.
     window = (sliding_window - 1 if sliding_window is not None else -1, 0)

@@ -47,6 +47,12 @@ class CudaRuntime(ModelRuntime):
         # Buckets up to the first that holds max_num_seqs; larger decode batches run eagerly.
         self.buckets = [b for b in buckets if b < config.max_num_seqs] + [b for b in buckets if b >= config.max_num_seqs][:1]
         self.fp8_enabled = bool(use_fp8 and fp8_supported(self.device))
+        self.kv_dtype = dtype
+        if config.kv_cache_dtype == "fp8":
+            if not fp8_supported(self.device) or dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError("kv_cache_dtype: 'fp8' needs a bf16 or fp16 model on a CUDA GPU of compute "
+                                 f"capability 8.9 or newer (model dtype {str(dtype).removeprefix('torch.')})")
+            self.kv_dtype = torch.float8_e4m3fn
         if use_fp8 and not self.fp8_enabled:
             logger.warning("FP8 needs a CUDA GPU of compute capability 8.9 or newer; running in %s instead",
                            str(dtype).removeprefix("torch."))
@@ -65,7 +71,7 @@ class CudaRuntime(ModelRuntime):
     # ---- KV pool ------------------------------------------------------------------------
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         s = self.spec
-        return 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * block_size * self.dtype.itemsize
+        return 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * block_size * self.kv_dtype.itemsize
 
     def num_kv_blocks(self, config: EngineConfig, max_model_len: int | None = None) -> int:
         """KV blocks for a kv_cache_memory_fraction of the GPU memory free now (after the
@@ -92,8 +98,10 @@ class CudaRuntime(ModelRuntime):
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.spec
+        # Zeroed as bytes: fill kernels are not built for FP8 either.
         self.kv_cache = torch.zeros(s.num_hidden_layers, num_blocks, block_size, 2 * s.num_key_value_heads,
-                                    s.head_dim, dtype=self.dtype, device=self.device)
+                                    s.head_dim * self.kv_dtype.itemsize, dtype=torch.uint8,
+                                    device=self.device).view(self.kv_dtype)
         self.block_size = block_size
         self._layer_caches = list(self.kv_cache)
         # Static decode inputs, sized for the largest bucket and the longest context.
