@@ -159,3 +159,10 @@ def test_binds_loopback_by_default():
 
     assert build_parser().parse_args([]).host == "127.0.0.1"
     assert DEFAULT_TARGET.startswith("127.0.0.1:")
+
+
+def test_a_string_engine_option_reaches_the_engine_config_as_given():
+    from service.options import build_parser, engine_options
+
+    args = build_parser().parse_args(["--kv-cache-dtype", "fp8", "--max-num-seqs", "8"])
+    assert engine_options(args) == {"kv_cache_dtype": "fp8", "max_num_seqs": 8}
