@@ -356,45 +356,42 @@ def _to_cache(x, cache_ptr, FP8_CACHE: tl.constexpr):
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, table_ptr, cache_ptr, T, stride_qkv, num_positions,
-                       H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, FP8_CACHE: tl.constexpr,
-                       BT: tl.constexpr):
-    # One program per (BT tokens, head): q and k heads rotate (k also goes to the cache), v
+def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, table_ptr, cache_ptr, stride_qkv, num_positions,
+                       H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, FP8_CACHE: tl.constexpr):
+    # One program per (token, head): q and k heads rotate (k also goes to the cache), v
     # heads only go to the cache. A program per token alone left all but one SM idle at
-    # decode (14 us per layer at batch 1 on the H100); one per (token, head) is right for
-    # a few tokens, but for hundreds it launches too many programs of 64 elements.
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    # decode (14 us per layer at batch 1 on the H100).
+    t = tl.program_id(0)
     h = tl.program_id(1)
     HALF: tl.constexpr = D // 2
-    t_mask = (t < T)[:, None]
-    slot = tl.load(slot_ptr + t, mask=t < T, other=-1)
-    write = (slot >= 0)[:, None]
-    row = qkv_ptr + t[:, None].to(tl.int64) * stride_qkv + h * D  # [BT, 1]
-    cache_row = cache_ptr + slot[:, None] * (2 * KVH * D)
+    slot = tl.load(slot_ptr + t)
+    row = qkv_ptr + t * stride_qkv + h * D
+    cache_row = cache_ptr + slot * (2 * KVH * D)
     if h < H + KVH:
         dt = qkv_ptr.dtype.element_ty
-        pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
-        i = tl.arange(0, HALF)[None, :]
+        pos = tl.load(pos_ptr + t)
+        i = tl.arange(0, HALF)
         cos = tl.load(table_ptr + pos * HALF + i).to(tl.float32)
         sin = tl.load(table_ptr + num_positions * HALF + pos * HALF + i).to(tl.float32)
         # Interleaved layout: rotate-half partners (a, b) sit at 2i and 2i + 1.
-        a = tl.load(row + 2 * i, mask=t_mask, other=0.0).to(tl.float32)
-        b = tl.load(row + 2 * i + 1, mask=t_mask, other=0.0).to(tl.float32)
+        a = tl.load(row + 2 * i).to(tl.float32)
+        b = tl.load(row + 2 * i + 1).to(tl.float32)
         ac = (a * cos).to(dt).to(tl.float32)
         bs = (b * sin).to(dt).to(tl.float32)
         bc = (b * cos).to(dt).to(tl.float32)
         as_ = (a * sin).to(dt).to(tl.float32)
         a2 = (ac - bs).to(dt)
         b2 = (bc + as_).to(dt)
-        tl.store(row + 2 * i, a2, mask=t_mask)
-        tl.store(row + 2 * i + 1, b2, mask=t_mask)
+        tl.store(row + 2 * i, a2)
+        tl.store(row + 2 * i + 1, b2)
         if h >= H:
-            tl.store(cache_row + (h - H) * D + 2 * i, _to_cache(a2, cache_ptr, FP8_CACHE), mask=write)
-            tl.store(cache_row + (h - H) * D + 2 * i + 1, _to_cache(b2, cache_ptr, FP8_CACHE), mask=write)
+            if slot >= 0:
+                tl.store(cache_row + (h - H) * D + 2 * i, _to_cache(a2, cache_ptr, FP8_CACHE))
+                tl.store(cache_row + (h - H) * D + 2 * i + 1, _to_cache(b2, cache_ptr, FP8_CACHE))
     else:
-        d = tl.arange(0, D)[None, :]
-        v = tl.load(row + d, mask=t_mask, other=0.0)
-        tl.store(cache_row + (h - H) * D + d, _to_cache(v, cache_ptr, FP8_CACHE), mask=write)
+        if slot >= 0:
+            d = tl.arange(0, D)
+            tl.store(cache_row + (h - H) * D + d, _to_cache(tl.load(row + d), cache_ptr, FP8_CACHE))
 
 
 def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
@@ -407,13 +404,9 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tens
     T = qkv.shape[0]
     if T == 0:
         return
-    # Tokens per program: one for decode-sized batches, 16 from 64 tokens on (prefill,
-    # large decode batches), where one program per token and head was 4x slower than
-    # the bytes it moves (240 us per layer for 8192 tokens on the H100).
-    bt = 1 if T < 64 else 16
-    _rope_cache_kernel[(triton.cdiv(T, bt), heads + 2 * kv_heads)](
-        qkv, positions, slots, table, cache, T, qkv.stride(0), table.shape[1], H=heads, KVH=kv_heads, D=head_dim,
-        FP8_CACHE=cache.dtype.itemsize == 1, BT=bt, num_warps=1 if bt == 1 else 4)
+    _rope_cache_kernel[(T, heads + 2 * kv_heads)](qkv, positions, slots, table, cache, qkv.stride(0),
+                                                   table.shape[1], H=heads, KVH=kv_heads, D=head_dim,
+                                                   FP8_CACHE=cache.dtype.itemsize == 1, num_warps=1)
 
 
 # ---------------------------------------------------------------------------------------
