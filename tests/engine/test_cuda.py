@@ -135,26 +135,33 @@ def test_quantization_with_a_fused_prologue_equals_the_kernels_in_turn(prologue)
     assert torch.equal(scale, scale_ref)
 
 
+@pytest.mark.parametrize("T", [5, 100])  # one token per program; 16 per program, the last block partly masked
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_write(dtype):
+def test_rope_and_cache_write(dtype, T):
     from engine.models.rope import RopeTable
     from engine.runtime.base import ModelSpec
     from engine.runtime.cuda.kernels import rope_and_cache
 
-    H, KVH, D, T = 6, 2, 32, 5
+    H, KVH, D = 6, 2, 32
     spec = ModelSpec("llama", 10, H * D, 8, 1, H, KVH, D, 1e-6, 10000.0, 64, False)
     ref_table = RopeTable(spec, 64, dtype, "cpu")
     if dtype == torch.float32:  # complex table: cos + i sin
         cos_sin = torch.stack([ref_table.table.real, ref_table.table.imag])
     else:
         cos_sin = ref_table.table
-    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    positions = torch.tensor([0, 3, 7, 20, 63])
-    slots = torch.tensor([5, -1, 0, 17, 30])
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype)
+    if T == 5:
+        positions = torch.tensor([0, 3, 7, 20, 63])
+        slots = torch.tensor([5, -1, 0, 17, 30])
+    else:
+        positions = torch.randint(0, 64, (T,), generator=g)
+        slots = torch.randperm(128, generator=g)[:T]
+        slots[::7] = -1
     expected = qkv.clone().view(T, -1, D)
     ref_table.apply_(expected[:, : H + KVH], ref_table.lookup(positions))
     ours = qkv.to(DEVICE)
-    cache = torch.zeros(4, 8, 2 * KVH, D, dtype=dtype, device=DEVICE)
+    cache = torch.zeros(16, 8, 2 * KVH, D, dtype=dtype, device=DEVICE)
     rope_and_cache(ours, positions.to(DEVICE), slots.to(DEVICE), cos_sin.to(DEVICE).contiguous(), cache, H, KVH, D)
     ours = ours.cpu().view(T, -1, D)
     if INTERPRET and dtype == torch.bfloat16:
