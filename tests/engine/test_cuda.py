@@ -513,6 +513,22 @@ def test_fp8_kv_cache_stays_close_to_bf16():
     assert max(errs) < 0.15 and top1 >= 0.8, (errs, top1)
 
 
+@cuda_only
+def test_copy_on_write_copies_fp8_blocks():
+    """Beams fork blocks: copy_blocks must move an FP8 cache's bytes in every layer."""
+    if not fp8_capable():
+        pytest.skip("FP8 needs compute capability 8.9+")
+    model, spec = tiny_model("llama", torch.bfloat16)
+    runtime = make_runtime(spec, model, torch.bfloat16, kv_cache_dtype="fp8")
+    values = torch.randn(runtime.kv_cache.shape, device=DEVICE).to(torch.float8_e4m3fn)
+    runtime.kv_cache.view(torch.uint8).copy_(values.view(torch.uint8))
+    runtime.copy_blocks([(3, 7), (7, 9)])  # 7 is read before it is overwritten
+    cache = runtime.kv_cache.view(torch.uint8)
+    before = values.view(torch.uint8)
+    assert torch.equal(cache[:, 7], before[:, 3]) and torch.equal(cache[:, 9], before[:, 7])
+    assert torch.equal(cache[:, 3], before[:, 3])
+
+
 def test_fp8_kv_cache_needs_the_cuda_runtime():
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
