@@ -539,24 +539,29 @@ def test_fp8_kv_cache_needs_the_cuda_runtime():
         CudaRuntime(spec, weights, torch.float32, DEVICE, config=EngineConfig(kv_cache_dtype="fp8"))
 
 
-@cuda_only
-def test_from_pretrained_on_cuda_generates_like_transformers(tmp_path):
-    """The whole engine on the GPU, float32: greedy tokens equal transformers' generate."""
-    from engine import AutoModelForCausalLM
+def save_checkpoint_with_tokenizer(model, folder) -> None:
     from tests.checkpoints import save_tokenizer
 
-    model, _ = tiny_model("llama", torch.float32)
     model.generation_config.pad_token_id = 2
-    model.save_pretrained(str(tmp_path))
+    model.save_pretrained(str(folder))
     given = os.environ.get("TEXTGEN_TEST_TOKENIZER_DIR")  # a folder of tokenizer files (no gguf there)
     try:
         if given:
             for f in os.listdir(given):
-                shutil.copy(os.path.join(given, f), tmp_path / f)
+                shutil.copy(os.path.join(given, f), folder / f)
         else:
-            save_tokenizer(tmp_path)
+            save_tokenizer(folder)
     except Exception as exc:  # the tokenizer comes from the default model's GGUF
         pytest.skip(f"no tokenizer files: {exc}")
+
+
+@cuda_only
+def test_from_pretrained_on_cuda_generates_like_transformers(tmp_path):
+    """The whole engine on the GPU, float32: greedy tokens equal transformers' generate."""
+    from engine import AutoModelForCausalLM
+
+    model, _ = tiny_model("llama", torch.float32)
+    save_checkpoint_with_tokenizer(model, tmp_path)
     ours = AutoModelForCausalLM.from_pretrained(str(tmp_path), device="cuda", dtype="float32",
                                                 experimental_cuda_runtime=True)
     assert type(ours.engine._loaded.loop.engine.runtime).__name__ == "CudaRuntime"
@@ -565,6 +570,29 @@ def test_from_pretrained_on_cuda_generates_like_transformers(tmp_path):
     with torch.no_grad():
         want = model.generate(prompt.to(DEVICE), max_new_tokens=12, min_new_tokens=12, do_sample=False).cpu()
     assert torch.equal(got, want)
+
+
+@cuda_only
+def test_from_pretrained_with_an_fp8_kv_cache(tmp_path):
+    """kv_cache_dtype="fp8" through from_pretrained, the server's path: an e4m3 pool, and
+    the same first token as the bf16 cache (the prefill attends to the fresh keys). Later
+    tokens read the FP8 cache; their logits are held to the bf16 cache's above
+    (test_fp8_kv_cache_stays_close_to_bf16), as a near-tie may flip a greedy token."""
+    from engine import AutoModelForCausalLM
+
+    if not fp8_capable():
+        pytest.skip("FP8 needs compute capability 8.9+")
+    model, _ = tiny_model("llama", torch.bfloat16)
+    save_checkpoint_with_tokenizer(model, tmp_path)
+    options = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=4)
+    wide = AutoModelForCausalLM.from_pretrained(str(tmp_path), **options)
+    narrow = AutoModelForCausalLM.from_pretrained(str(tmp_path), kv_cache_dtype="fp8", **options)
+    runtime = narrow.engine._loaded.loop.engine.runtime
+    assert runtime.kv_cache.dtype == torch.float8_e4m3fn
+    prompt = torch.randint(3, 49152, (3, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    a, b = wide.generate(prompt, **kwargs), narrow.generate(prompt, **kwargs)
+    assert a.shape == b.shape == (3, 25) and torch.equal(a[:, :10], b[:, :10])
 
 
 @cuda_only
