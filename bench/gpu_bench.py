@@ -826,6 +826,12 @@ def summary():
                  f"{ratio(r.get('ours_bf16_b1'), roof)} |")
     lines.append(f"| ours FP8 weights | {fmt(r.get('ours_fp8_b1'))} | {fmt(r.get('ours_fp8_b32'))} | "
                  f"{ratio(r.get('ours_fp8_b1'), roof)} (FP8 roofline {fmt(roof8)}: {ratio(r.get('ours_fp8_b1'), roof8)}) |")
+    lines.append(f"| ours bf16 weights, FP8 KV cache | {fmt(r.get('ours_bf16+kv8_b1'))} | "
+                 f"{fmt(r.get('ours_bf16+kv8_b32'))} | {ratio(r.get('ours_bf16+kv8_b1'), roof)} |")
+    offline = {k.removeprefix("offline_8b_"): v["output_tok_s"] for k, v in r.items() if k.startswith("offline_8b_")}
+    if offline:
+        lines += ["", "| Llama-3-8B offline run | output tok/s |", "|---|---|"]
+        lines += [f"| {label} | {fmt(rate)} |" for label, rate in offline.items()]
     lines += ["", "| ratio | value |", "|---|---|",
               f"| ours bf16 / transformers, batch 1 | {ratio(r.get('ours_bf16_b1'), r.get('hf_b1'))} |",
               f"| ours bf16 / transformers, batch 32 | {ratio(r.get('ours_bf16_b32'), r.get('hf_b32'))} |",
