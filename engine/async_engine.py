@@ -45,7 +45,8 @@ class AsyncEngine:
         return self._loaded.resolve_params(prompt_len, **overrides)
 
     async def generate(self, request: GenerationRequest, *, prompt_field: str = "token_ids") -> AsyncIterator[RequestOutput]:
-        """Per-step outputs of one request; the last has finished=True.
+        """Per-step outputs of one request (a single one at the end when its params ask for
+        final_output_only); the last has finished=True.
 
         Raises InvalidParameterError / ContextLengthError for a bad request, QueueFullError
         when full, EngineDeadError when the loop has died, RequestFailedError when the
