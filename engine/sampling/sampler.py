@@ -18,6 +18,7 @@ launch the next forward pass in between (engine/llm_engine.py).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import secrets
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ import torch
 from engine.params import SamplingParams
 from engine.sampling.processors import process_logits
 from engine.transfer import to_device
+
+# The CUDA runtime's Triton kernel for plain greedy rows (engine/runtime/cuda/kernels.py).
+_FUSED_GREEDY = importlib.util.find_spec("triton") is not None
 
 # Exponential noise of exactly 0 (possible in float32) would divide by zero; the
 # smallest normal float32 keeps p / E finite (<= 1 / 1.2e-38 < float32 max).
@@ -89,23 +93,28 @@ class Sampler:
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
         logits = logits.float()
         params = [r.params for r in rows]
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
         processed = process_logits(logits, params, [r.token_ids for r in rows], [r.num_generated for r in rows])
-
-        tokens = processed.argmax(dim=-1)  # greedy rows keep this
         sampling = [i for i, p in enumerate(params) if p.do_sample]
-        if sampling:
-            index = to_device(sampling, torch.long, logits.device)
-            probs = processed.index_select(0, index).softmax(dim=-1)
-            noise = self._exponential_noise(probs, [rows[i].generator for i in sampling])
-            tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
-
-        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
         k = min(max((p.logprobs or 0) for p in params), logits.shape[1]) if params else 0
-        columns = [tokens.unsqueeze(1), chosen]
-        if k:
-            top = torch.topk(raw_logprobs, k, dim=-1)
-            columns += [top.indices, top.values]
+        if _FUSED_GREEDY and logits.is_cuda and processed is logits and not sampling and k == 0:
+            # Plain greedy rows: argmax and the chosen logprob in one kernel (the usual
+            # offline batch; see greedy_with_logprob).
+            from engine.runtime.cuda.kernels import greedy_with_logprob
+
+            tokens, chosen = greedy_with_logprob(logits)
+            columns = [tokens.unsqueeze(1), chosen]
+        else:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            tokens = processed.argmax(dim=-1)  # greedy rows keep this
+            if sampling:
+                index = to_device(sampling, torch.long, logits.device)
+                probs = processed.index_select(0, index).softmax(dim=-1)
+                noise = self._exponential_noise(probs, [rows[i].generator for i in sampling])
+                tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+            columns = [tokens.unsqueeze(1), raw_logprobs.gather(1, tokens.unsqueeze(1))]
+            if k:
+                top = torch.topk(raw_logprobs, k, dim=-1)
+                columns += [top.indices, top.values]
         # The step's only transfer back: token ids, their logprobs and the top-k
         # alternatives travel together as float64 (exact for ids below 2**53 and for
         # float32 logprobs).

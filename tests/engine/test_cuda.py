@@ -630,6 +630,45 @@ def test_gemv_at_llama_shapes(rows, kind, fp8):
 
 
 @cuda_only
+@pytest.mark.parametrize("vocab", [5000, 128256])
+def test_greedy_kernel_equals_argmax_and_log_softmax(vocab):
+    from engine.runtime.cuda.kernels import greedy_with_logprob
+
+    g = torch.Generator(device="cpu").manual_seed(vocab)
+    x = (torch.randn(37, vocab, generator=g) * 4).to(DEVICE)
+    x[1, 17] = x[1, vocab - 3] = 100.0  # a tie: the first index wins, as torch.argmax
+    x[3] = 0.0  # all equal
+    x[5, : vocab // 2] = float("-inf")  # masked tokens
+    tokens, logprobs = greedy_with_logprob(x)
+    assert torch.equal(tokens, x.argmax(dim=-1))
+    expected = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])
+    # Same value up to float32 summation order over the vocabulary and Triton's exp.
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_sampler_on_the_gpu_matches_the_cpu_for_greedy_rows():
+    """Plain greedy rows take the fused kernel on the GPU; rows that need the full
+    log-softmax (logprobs alternatives, penalties) do not. Same tokens and logprobs as on
+    the CPU."""
+    from engine.params import SamplingParams
+    from engine.sampling.sampler import Sampler, SampleRow
+
+    g = torch.Generator(device="cpu").manual_seed(7)
+    logits = torch.randn(6, 3000, generator=g) * 3
+    plain = [SampleRow(SamplingParams(), [1, 2, 3], 0, None) for _ in range(6)]
+    mixed = plain[:4] + [SampleRow(SamplingParams(logprobs=2), [1, 2], 0, None),
+                         SampleRow(SamplingParams(repetition_penalty=1.5), [5, 9], 0, None)]
+    for rows in (plain, mixed):
+        on_gpu, on_cpu = Sampler().sample(logits.to(DEVICE), rows), Sampler().sample(logits, rows)
+        assert [r.token_id for r in on_gpu] == [r.token_id for r in on_cpu]
+        assert [r.logprob for r in on_gpu] == pytest.approx([r.logprob for r in on_cpu], abs=1e-5)
+        for ours, theirs in zip(on_gpu, on_cpu):
+            assert [t for t, _ in ours.top_logprobs] == [t for t, _ in theirs.top_logprobs]
+            assert [v for _, v in ours.top_logprobs] == pytest.approx([v for _, v in theirs.top_logprobs], abs=1e-5)
+
+
+@cuda_only
 def test_norm_and_silu_kernels_at_llama_shapes():
     from engine.runtime.cuda.kernels import rms_norm, silu_mul
 
