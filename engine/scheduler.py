@@ -205,9 +205,7 @@ class Scheduler:
     def _plan(self, request: Request, budget: int, seq_slots: int) -> Plan | None:
         if len(request.seqs) == 1:  # the usual request; the same rule as below, spelt out for speed
             seq = request.seqs[0]
-            if seq.finish_reason is not None or seq_slots < 1:
-                return None
-            if seq.num_inflight and self._finishes_by_length(request, seq):  # (the guard saves a call)
+            if seq.finish_reason is not None or seq_slots < 1 or self._finishes_by_length(request, seq):
                 return None
             pending = seq.num_pending
             if pending <= budget:

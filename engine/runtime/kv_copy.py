@@ -13,7 +13,7 @@ def copy_kv_blocks(kv_cache: torch.Tensor | None, pairs: list[tuple[int, int]]) 
         return
     index = to_device([p for pair in zip(*pairs) for p in pair], torch.int64, kv_cache.device)
     src, dst = index.split(len(pairs))
-    if kv_cache.dtype.itemsize == 1:  # FP8: indexing kernels are not built for it; the bytes are the same
+    if kv_cache.dtype.itemsize == 1:  # FP8: copied as bytes, whatever FP8 indexing a torch build supports
         kv_cache = kv_cache.view(torch.uint8)
     with torch.inference_mode():
         # Gather first (a copy), so a block that is both a source and a destination

@@ -89,8 +89,8 @@ def prefill_inputs(chunks: list[tuple[int, int, int, list[int]]], block_size: in
 
 
 def gather_rows(table: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """table.index_select(0, index) in `dtype`. An FP8 cache is gathered as bytes (the
-    indexing kernels are not built for FP8) and then widened."""
+    """table.index_select(0, index) in `dtype`. An FP8 cache is gathered as bytes (the same
+    values, whatever FP8 indexing a torch build supports) and then widened."""
     if table.dtype.itemsize == 1:
         return table.view(torch.uint8).index_select(0, index).view(table.dtype).to(dtype)
     return table.index_select(0, index)

@@ -98,7 +98,7 @@ class CudaRuntime(ModelRuntime):
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.spec
-        # Zeroed as bytes: fill kernels are not built for FP8 either.
+        # Zeroed as bytes, as the cache's FP8 copies and gathers are done (engine/runtime/kv_copy.py).
         self.kv_cache = torch.zeros(s.num_hidden_layers, num_blocks, block_size, 2 * s.num_key_value_heads,
                                     s.head_dim * self.kv_dtype.itemsize, dtype=torch.uint8,
                                     device=self.device).view(self.kv_dtype)
