@@ -399,7 +399,7 @@ def gemv_sweep():
             say(f"{kind} rows {rows}: best {best} {nbytes / totals[0][0] / 1e9:.2f} TB/s; next "
                 + ", ".join(f"{c} {nbytes / t / 1e9:.2f}" for t, c in totals[1:4]))
             width = 2 if kind == "bf16" else 1
-            for m in ((4,) if rows == 1 else (32, 64)):
+            for m in ((1,) if rows == 1 else (32, 64)):
                 kernels.GEMV_CONFIG[(width, m)] = best
     del weights
     free_memory()
@@ -579,17 +579,95 @@ def tune_in_model(runtime, label):
     width = 1 if runtime.fp8_enabled else 2
     timed = []
     for cfg in IN_MODEL_CANDIDATES[width]:
-        kernels.GEMV_CONFIG[(width, 4)] = cfg
-        runtime._graphs.clear()
+        kernels.GEMV_CONFIG[(width, 1)] = cfg
+        runtime.drop_graphs()
         try:
             timed.append((_graph_step_ms(runtime, 1), cfg))
         except Exception as exc:  # e.g. too many registers for a tile
             say(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
     timed.sort()
-    kernels.GEMV_CONFIG[(width, 4)] = timed[0][1]
-    runtime._graphs.clear()
+    kernels.GEMV_CONFIG[(width, 1)] = timed[0][1]
+    runtime.drop_graphs()
     say(f"{label} batch-1 step (us) by config: " + ", ".join(f"{c} {t * 1e3:.0f}" for t, c in timed))
     RESULTS[f"in_model_b1_{label}"] = [(round(t * 1e3), c) for t, c in timed]
+
+
+@section("programmatic dependent launch: on against off")
+def pdl_compare(runtime, label, rows_list=(1, 2, 4)):
+    """Captured decode steps with the Triton kernels launched under PDL (at every row count
+    timed here, whatever kernels.PDL_MAX_ROWS says) and without, timed alternately (three
+    rounds, the median of each); then the logits of a prefill and 32 greedy decode steps
+    both ways, which must be equal bit for bit."""
+    from engine.runtime.cuda import kernels
+
+    policy = kernels.PDL_MAX_ROWS
+    kernels.PDL_MAX_ROWS = max(rows_list)
+    timed: dict = {(flag, rows): [] for flag in (False, True) for rows in rows_list}
+    for _ in range(3):
+        for flag in (False, True):
+            kernels.PDL = flag
+            runtime.drop_graphs()
+            for rows in rows_list:
+                timed[(flag, rows)].append(_graph_step_ms(runtime, rows, rep=100))
+    prompt = prompts_for(1, 128, 32000, seed=6)[0]
+    logits = {}
+    for flag in (False, True):
+        kernels.PDL = flag
+        runtime.drop_graphs()
+        logits[flag] = greedy_logits(runtime, prompt, 32)[1]
+    kernels.PDL, kernels.PDL_MAX_ROWS = True, policy
+    runtime.drop_graphs()
+    same = torch.equal(logits[False], logits[True])
+    for rows in rows_list:
+        off, on = (sorted(timed[(f, rows)])[1] * 1e3 for f in (False, True))
+        say(f"{label}: batch {rows}: {off:.0f} us per step without PDL, {on:.0f} us with ({on / off:.3f})")
+        RESULTS[f"pdl_{label}_b{rows}_us"] = {"off": round(off, 1), "on": round(on, 1)}
+    say(f"{label}: logits with PDL == logits without, bit for bit (prefill + 32 decode steps): {same}")
+    RESULTS[f"pdl_{label}_same_logits"] = same
+
+
+# Projection configs tried for 2 rows (up to kernels.FUSE_MAX_ROWS, with the fused
+# prologues; one GEMV_CONFIG entry). The FMA kernel's accumulator is [rows, BLOCK_N,
+# BLOCK_K]: the batch-1 tile (8 x 1024) at 4 rows held 256 floats per thread.
+SMALL_BATCH_CANDIDATES = [("fma", 8, 256, 4, 2), ("fma", 4, 512, 4, 2), ("fma", 8, 512, 8, 2),
+                          ("fma", 8, 1024, 4, 2), ("dot", 32, 256, 4, 4), ("dot", 16, 256, 4, 4),
+                          ("dot", 16, 512, 4, 3)]
+
+
+@section("2-row projection config, in the model")
+def tune_small_batches(runtime, label, rows_list=(2,)):
+    from engine.runtime.cuda import kernels
+
+    width, key = (1 if runtime.fp8_enabled else 2), kernels.FUSE_MAX_ROWS
+    timed = []
+    for cfg in SMALL_BATCH_CANDIDATES:
+        kernels.GEMV_CONFIG[(width, key)] = cfg
+        runtime.drop_graphs()
+        try:
+            steps = [_graph_step_ms(runtime, rows) for rows in rows_list]
+            timed.append((sum(steps), steps, cfg))
+        except Exception as exc:  # e.g. too many registers for a tile
+            say(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
+    timed.sort(key=lambda t: t[0])
+    kernels.GEMV_CONFIG[(width, key)] = timed[0][2]
+    runtime.drop_graphs()
+    say(f"{label} step (us) at {' / '.join(map(str, rows_list))} rows by config: "
+        + ", ".join(f"{c} {' / '.join(f'{t * 1e3:.0f}' for t in steps)}" for _, steps, c in timed))
+    RESULTS[f"in_model_small_{label}"] = [([round(t * 1e3) for t in steps], c) for _, steps, c in timed]
+
+
+@section("small batches: 7B random weights, bf16 and FP8")
+def small_batches():
+    weights = random_weights(LLAMA2_7B)
+    for fp8 in (False, True):
+        label = "fp8" if fp8 else "bf16"
+        runtime, config, max_model_len = make_runtime(spec_for(LLAMA2_7B), dict(weights), fp8=fp8)
+        make_engine(runtime, config, max_model_len, num_blocks=1000)
+        tune_small_batches(runtime, label)
+        pdl_compare(runtime, label)
+        step_time(runtime, label, rows_list=(1, 2, 4, 8))
+        runtime = None
+        free_memory()
 
 
 @section("GPU time of one decode step (graph replay)")
@@ -867,6 +945,8 @@ def main():
     ap.add_argument("--only-offline", action="store_true", help="only the Llama-3-8B throughput runs")
     ap.add_argument("--offline-configs", default="bf16:512:8192,fp8:512:8192,fp8+kv8:512:8192,fp8+kv8:1024:8192",
                     help="Llama-3-8B runs as weights:max_num_seqs[:max_num_batched_tokens], comma-separated")
+    ap.add_argument("--small-batches", action="store_true",
+                    help="only the 2-row projection configs, PDL and step times at 1 to 8 rows (7B shape)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -875,6 +955,10 @@ def main():
 
     environment()
     bandwidth()
+    if args.small_batches:
+        small_batches()
+        (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        return
     if args.only_offline:
         for config in offline_configs(args.offline_configs):
             bench_offline(args.offline_requests, **config)
@@ -892,16 +976,20 @@ def main():
         engine, _ = make_engine(runtime, config, max_model_len, num_blocks=1000)
         check_logits(hf, runtime)
         check_graphs(runtime)
+        pdl_compare(runtime, "bf16")
         tune_in_model(runtime, "bf16")
-        step_time(runtime, "bf16")
+        tune_small_batches(runtime, "bf16")
+        step_time(runtime, "bf16", rows_list=(1, 2, 4, 8, 32))
     built8 = build_ours(hf, fp8=True)
     runtime8 = engine8 = None
     if built8 and built:
         runtime8, config8, _ = built8
         engine8, _ = make_engine(runtime8, config8, max_model_len, num_blocks=800)
         check_fp8(runtime, runtime8)
+        pdl_compare(runtime8, "fp8")
         tune_in_model(runtime8, "fp8")
-        step_time(runtime8, "fp8")
+        tune_small_batches(runtime8, "fp8")
+        step_time(runtime8, "fp8", rows_list=(1, 2, 4, 8, 32))
     if not args.skip_hf_bench:
         bench_hf(hf, 1)
         bench_hf(hf, 32)

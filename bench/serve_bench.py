@@ -28,6 +28,11 @@ and the in-process consumer share the bench's main process, as in `python -m ser
 --client thread runs the client on its own event loop in a thread of the bench process, to
 see what that competition costs.
 
+Where the step loop runs. By default on an EngineLoop thread of the bench's main process, so
+the server's event loop and the step loop share one GIL. --engine-process builds the same
+LLMEngine in a child process and steps it there (engine/engine_process.py, as
+`python -m service --engine-process` does); both paths then read the child's outputs.
+
 Per request, all times from time.perf_counter() in the process that consumes the stream:
   send    just before the call is issued (gRPC) or the request submitted (in process);
           the lag behind its scheduled offset is reported (max send lag) to check that the
@@ -55,7 +60,7 @@ request's start and end, as `python -m service` does by default) to DIR/serve_be
 
 Usage: python bench/serve_bench.py [--tiny] [--rates 2,8,32,inf] [--requests 200] [--prompt-len 128]
        [--new-tokens 128] [--max-num-seqs 64] [--warmup-requests N] [--engine-option NAME=VALUE ...]
-       [--client process|thread] [--out DIR (default $OUT, else .)]
+       [--client process|thread] [--engine-process] [--out DIR (default $OUT, else .)]
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -336,26 +342,51 @@ def build_llm_engine(args):
     return engine, shape, runtime, blocks
 
 
+def child_llm_engine(args):
+    """--engine-process: the builder that runs in the engine's child process. Spawn pickles
+    it by name (`__main__.child_llm_engine` when this file runs as a script) and the child
+    re-imports this file as `__mp_main__` first, whose top level puts bench/ and the
+    repository on sys.path, so the name resolves there and gpu_bench imports."""
+    return build_llm_engine(args)[0]
+
+
 def build_async_engine(args):
-    """AsyncEngine around the bench's LLMEngine, as engine/factory.py assembles one."""
+    """AsyncEngine around the bench's LLMEngine, as engine/factory.py assembles one: on an
+    EngineLoop thread, or (--engine-process) built and stepped in a child process."""
     from engine.async_engine import AsyncEngine
     from engine.engine_loop import EngineLoop
     from engine.factory import LoadedModel
     from engine.generation_config import resolve_sampling_params
     from engine.model_info import ModelInfo
 
-    llm, shape, runtime, blocks = build_llm_engine(args)
-    config = llm.config
-    loop = EngineLoop(llm, config.max_num_seqs + config.max_waiting_requests, config.watchdog_timeout_s)
-    defaults = resolve_sampling_params({}, None, prompt_len=1, max_model_len=llm.max_model_len)
+    if args.engine_process:
+        from engine.engine_process import ProcessEngineLoop
+
+        loop = ProcessEngineLoop(functools.partial(child_llm_engine, args))
+        report = loop.report
+        config, runtime_name, device, dtype = report.config, report.runtime, report.device, report.dtype
+        blocks, max_model_len, kv_pool = loop.limits.num_kv_blocks, loop.limits.max_model_len, report.kv_pool
+        shape = TINY_LLAMA if args.tiny else None  # the full shapes are gpu_bench's, below
+    else:
+        llm, shape, runtime, blocks = build_llm_engine(args)
+        config, max_model_len = llm.config, llm.max_model_len
+        loop = EngineLoop(llm, config.max_in_flight, config.watchdog_timeout_s)
+        runtime_name, device, dtype = type(runtime).__name__, str(runtime.device), str(runtime.dtype).removeprefix("torch.")
+        kv_pool = getattr(runtime, "kv_pool_report", None)
+    if shape is None:
+        import gpu_bench as gb
+
+        shape = {"llama2-7b": gb.LLAMA2_7B, "llama3-8b": gb.LLAMA3_8B}[args.shape]
+    defaults = resolve_sampling_params({}, None, prompt_len=1, max_model_len=max_model_len)
     info = ModelInfo(model_id="random-" + ("tiny-llama" if args.tiny else args.shape), architecture="llama",
-                     dtype=str(runtime.dtype).removeprefix("torch."), fp8=False, max_model_len=llm.max_model_len,
+                     dtype=dtype, fp8=False, max_model_len=max_model_len,
                      vocab_size=shape["vocab_size"], eos_token_ids=defaults.eos_token_ids, default_params=defaults)
     engine = AsyncEngine(LoadedModel(loop, info, ServeTokenizer(shape["vocab_size"]), HERE, {}))
-    model = {"shape": shape, "runtime": type(runtime).__name__, "device": str(runtime.device), "dtype": info.dtype,
+    model = {"shape": shape, "runtime": runtime_name, "device": device, "dtype": dtype,
              "kv_blocks": blocks, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
-             "max_num_batched_tokens": config.max_num_batched_tokens, "max_model_len": llm.max_model_len,
-             "kv_pool": getattr(runtime, "kv_pool_report", None), "engine_config": dataclasses.asdict(config)}
+             "max_num_batched_tokens": config.max_num_batched_tokens, "max_model_len": max_model_len,
+             "kv_pool": kv_pool, "engine_config": dataclasses.asdict(config),
+             "step_loop": "child process" if args.engine_process else "thread"}
     return engine, model
 
 
@@ -473,7 +504,10 @@ class Bench:
         finite = [r for r in a.rates if not math.isinf(r)]
         offsets = arrival_offsets(a.warmup_requests, max(finite) if finite else math.inf, a.seed - 1)
         for seed, (tag, path) in enumerate((("warm-grpc", self.grpc), ("warm-local", self.in_process))):
-            prompts = random_prompts(a.warmup_requests, a.prompt_len, self.vocab, seed=-1 - seed)
+            # Not -1 - seed: random.Random(-n) is random.Random(n), and seed 1 is the first
+            # rate's in-process prompts, which the warm-up then put in the prefix cache
+            # (7,168 cached tokens at 4 req/s in the 2026-11-25 runs).
+            prompts = random_prompts(a.warmup_requests, a.prompt_len, self.vocab, seed=10**6 + seed)
             await path(offsets, prompts, a.new_tokens, tag)
             await wait_idle(self.engine)
 
@@ -509,7 +543,7 @@ async def run(args) -> dict:
     began = time.perf_counter()
     engine, model = build_async_engine(args)
     print(f"model built in {time.perf_counter() - began:.1f} s: {model['runtime']} on {model['device']}, "
-          f"{model['kv_blocks']} KV blocks", flush=True)
+          f"{model['kv_blocks']} KV blocks, step loop in a {model['step_loop']}", flush=True)
     server = None
     pool = None
     try:
@@ -561,6 +595,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="an EngineConfig field for the engine (scheduler) side, e.g. max_num_batched_tokens=4096")
     ap.add_argument("--client", choices=("process", "thread"), default="process",
                     help="where the gRPC client's event loop runs")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="build and step the engine in a child process (EngineConfig.engine_process), "
+                         "so the server's event loop does not share the step loop's GIL")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     args.engine_option = dict(args.engine_option)
@@ -578,7 +615,8 @@ def main(argv=None) -> None:
     env, model = report["environment"], report["model"]
     print(f"\n{env['device']}, torch {env['torch']}, grpcio {env['grpcio']}, {env['date']}; "
           f"{report['config']['requests']} requests x ({args.prompt_len} in, {args.new_tokens} out) per rate; "
-          f"{model['runtime']} {model['dtype']}, max_num_seqs {model['max_num_seqs']}, client in a {args.client}")
+          f"{model['runtime']} {model['dtype']}, max_num_seqs {model['max_num_seqs']}, client in a {args.client}, "
+          f"step loop in a {model['step_loop']}")
     print(table(report["results"]))
     ratios = [row["throughput_ratio"] for row in report["results"] if row["throughput_ratio"] is not None]
     if ratios:

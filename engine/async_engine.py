@@ -90,21 +90,7 @@ class AsyncEngine:
         self._loop.abort(request_id)
 
     def stats(self) -> EngineStats:
-        engine = self._loop.engine
-        blocks = engine.block_manager
-        running = len(engine.scheduler.running)
-        return EngineStats(
-            running=running,
-            waiting=max(0, self._loop.num_in_flight - running),
-            kv_blocks_total=blocks.num_blocks,
-            kv_blocks_used=blocks.num_used_blocks,
-            kv_blocks_free=blocks.num_free_blocks,
-            preemptions_total=engine.scheduler.preemptions_total,
-            prefix_cache_queries_total=engine.scheduler.prefix_queries,
-            prefix_cache_hits_total=engine.scheduler.prefix_hits,
-            steps_total=engine.steps_total,
-            healthy=self.is_healthy,
-        )
+        return self._loop.stats()
 
     @property
     def is_healthy(self) -> bool:

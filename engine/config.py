@@ -51,6 +51,13 @@ class EngineConfig:
     # within bf16's noise floor on the H100 (docs/benchmarks.md; the failure reported
     # before was the check's, see there).
     experimental_cuda_runtime: bool = True
+    # Run the step loop in a child process of its own (engine/engine_process.py) instead
+    # of a thread beside the caller. A server's event loop and the step thread otherwise
+    # share one GIL: at 64 streams each waits for the other's Python work, and streamed
+    # throughput fell to 0.82-0.94 of the engine's own (bench/serve_bench.py). Costs a
+    # process start (seconds: the child imports torch and loads the weights) and a pickled
+    # message per step.
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests",
@@ -64,8 +71,17 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.engine_process and self.tensor_parallel_size > 1:
+            # The tensor-parallel runtime starts rank processes of its own, which the
+            # engine process (a daemon process) may not do.
+            raise ValueError("engine_process cannot be combined with tensor_parallel_size > 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests admitted at once (running plus waiting); submit() refuses more."""
+        return self.max_num_seqs + self.max_waiting_requests
 
     @classmethod
     def from_options(cls, **options) -> tuple["EngineConfig", dict]:

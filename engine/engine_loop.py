@@ -3,6 +3,10 @@
 Callers on any thread submit and abort through a command queue; the loop applies
 commands between steps, so engine state is only ever touched by this thread.
 Outputs go back through each request's sink, called on this thread.
+
+Requests are validated against `EngineLimits` by `validate_request`, which the
+engine-process loop (engine/engine_process.py) also runs, in the parent, on the
+limits its child reports.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from engine.errors import ContextLengthError, EngineDeadError, InvalidParameterError, QueueFullError
 from engine.llm_engine import LLMEngine
+from engine.model_info import EngineStats
 from engine.outputs import FinishReason, RequestOutput, SequenceOutput
 from engine.params import GenerationRequest
 from engine.sequence import Request
@@ -25,9 +31,79 @@ logger = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput], None]
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request is checked against before it is queued."""
+
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+    num_kv_blocks: int
+    block_size: int
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> "EngineLimits":
+        pool = engine.block_manager
+        return cls(engine.runtime.spec.vocab_size, engine.max_model_len, engine.config.max_num_seqs,
+                   pool.num_blocks, pool.block_size)
+
+
+def validate_request(request: GenerationRequest, limits: EngineLimits, field: str) -> None:
+    """Raise InvalidParameterError / ContextLengthError (naming `field` for the prompt) for a
+    request the engine could never serve."""
+    ids = request.prompt_token_ids
+    vocab = limits.vocab_size
+    if len(ids) == 0:
+        raise InvalidParameterError(field, "the prompt is empty")
+    bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidParameterError(field, f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+    if len(ids) >= limits.max_model_len:
+        raise ContextLengthError(field, f"the prompt has {len(ids)} tokens; the context holds {limits.max_model_len}")
+    params = request.params
+    # A request's sequences (beams, samples) all run in the same step: more than a
+    # step holds could never be scheduled, and would wait forever.
+    if params.num_sequences > limits.max_num_seqs:
+        name = "num_beams" if params.use_beam_search else "num_return_sequences"
+        raise InvalidParameterError(
+            name, f"{params.num_sequences} sequences; this server runs at most {limits.max_num_seqs} per step "
+                  "(max_num_seqs)"
+        )
+    # The most KV blocks the request can hold at once: its sequences share the prompt's
+    # full blocks, and each owns a copy of the prompt's partial last block plus its new tokens.
+    shared = len(ids) // limits.block_size
+    own = -(-(len(ids) % limits.block_size + params.max_new_tokens) // limits.block_size)  # blocks, rounded up
+    needed = shared + params.num_sequences * own
+    if needed > limits.num_kv_blocks:
+        raise ContextLengthError(
+            "max_new_tokens",
+            f"prompt plus max_new_tokens needs {needed} KV blocks for {params.num_sequences} "
+            f"sequence{'s' if params.num_sequences > 1 else ''}; the pool has {limits.num_kv_blocks}",
+        )
+
+
+def last_output(request_id: str, prompt_tokens: int, reason: FinishReason, error: str | None = None) -> RequestOutput:
+    """The final output of a request that the engine drops without a step: it stopped
+    (ERROR, with `error`) or shut down (ABORTED)."""
+    return RequestOutput(
+        request_id=request_id,
+        sequences=(SequenceOutput(index=0, token_ids=(), text="", finish_reason=reason),),
+        finished=True,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        cached_tokens=0,
+        error=error,
+    )
+
+
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_in_flight: int, watchdog_timeout_s: float):
+    def __init__(self, engine: LLMEngine, max_in_flight: int, watchdog_timeout_s: float,
+                 after_pass: Callable[[], None] | None = None):
+        """after_pass: called on the loop thread after each pass that may have delivered
+        outputs (a step, commands before idling, the stop, the death), so that an engine
+        process can ship each step's outputs to its parent in one message."""
         self.engine = engine
+        self.limits = EngineLimits.of(engine)
         self.max_in_flight = max_in_flight
         self.watchdog_timeout_s = watchdog_timeout_s
         self._lock = threading.Lock()
@@ -39,6 +115,7 @@ class EngineLoop:
         self.dead_reason: str | None = None
         self.last_progress = time.monotonic()
         self.busy = False
+        self._after_pass = after_pass or (lambda: None)
         self._thread = threading.Thread(target=self._run, name="textgen-step-loop", daemon=True)
         self._thread.start()
 
@@ -49,7 +126,7 @@ class EngineLoop:
         Raises InvalidParameterError / ContextLengthError (naming `field` for the prompt),
         QueueFullError, or EngineDeadError.
         """
-        self._validate(request, field)
+        validate_request(request, self.limits, field)
         with self._lock:
             if self.dead_reason is not None:
                 raise EngineDeadError(f"the engine has stopped: {self.dead_reason}")
@@ -73,40 +150,6 @@ class EngineLoop:
         self._wakeup.set()
         return request_id
 
-    def _validate(self, request: GenerationRequest, field: str) -> None:
-        ids = request.prompt_token_ids
-        vocab = self.engine.runtime.spec.vocab_size
-        if len(ids) == 0:
-            raise InvalidParameterError(field, "the prompt is empty")
-        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidParameterError(field, f"token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.engine.max_model_len:
-            raise ContextLengthError(
-                field, f"the prompt has {len(ids)} tokens; the context holds {self.engine.max_model_len}"
-            )
-        params = request.params
-        # A request's sequences (beams, samples) all run in the same step: more than a
-        # step holds could never be scheduled, and would wait forever.
-        limit = self.engine.config.max_num_seqs
-        if params.num_sequences > limit:
-            name = "num_beams" if params.use_beam_search else "num_return_sequences"
-            raise InvalidParameterError(
-                name, f"{params.num_sequences} sequences; this server runs at most {limit} per step (max_num_seqs)"
-            )
-        # The most KV blocks the request can hold at once: its sequences share the prompt's
-        # full blocks, and each owns a copy of the prompt's partial last block plus its new tokens.
-        pool = self.engine.block_manager
-        shared = len(ids) // pool.block_size
-        own = pool.blocks_needed(len(ids) % pool.block_size + params.max_new_tokens)
-        needed = shared + params.num_sequences * own
-        if needed > pool.num_blocks:
-            raise ContextLengthError(
-                "max_new_tokens",
-                f"prompt plus max_new_tokens needs {needed} KV blocks for {params.num_sequences} "
-                f"sequence{'s' if params.num_sequences > 1 else ''}; the pool has {pool.num_blocks}",
-            )
-
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._commands.append(("abort", request_id))
@@ -122,6 +165,23 @@ class EngineLoop:
             return False
         stuck = self.busy and time.monotonic() - self.last_progress > self.watchdog_timeout_s
         return not stuck
+
+    def stats(self) -> EngineStats:
+        engine = self.engine
+        blocks = engine.block_manager
+        running = len(engine.scheduler.running)
+        return EngineStats(
+            running=running,
+            waiting=max(0, self.num_in_flight - running),
+            kv_blocks_total=blocks.num_blocks,
+            kv_blocks_used=blocks.num_used_blocks,
+            kv_blocks_free=blocks.num_free_blocks,
+            preemptions_total=engine.scheduler.preemptions_total,
+            prefix_cache_queries_total=engine.scheduler.prefix_queries,
+            prefix_cache_hits_total=engine.scheduler.prefix_hits,
+            steps_total=engine.steps_total,
+            healthy=self.is_healthy,
+        )
 
     def shutdown(self, timeout: float = 30.0) -> None:
         with self._lock:
@@ -147,9 +207,11 @@ class EngineLoop:
                 self._apply_commands()
                 if self._stopping:
                     self.engine.abort_all()
+                    self._after_pass()
                     return
                 if not self.engine.has_work:
                     self.busy = False
+                    self._after_pass()  # aborts deliver at once, without a step
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
@@ -159,9 +221,11 @@ class EngineLoop:
                     self.busy = True
                 self.engine.step()
                 self.last_progress = time.monotonic()
+                self._after_pass()
         except Exception as exc:  # a bug in engine state: nothing can be trusted any more
             logger.exception("the step loop died")
             self._die(repr(exc))
+            self._after_pass()
 
     def _die(self, reason: str) -> None:
         with self._lock:
@@ -170,16 +234,8 @@ class EngineLoop:
             self._commands.clear()
         requests = list(self.engine.requests.values()) + pending
         for request in requests:
-            output = RequestOutput(
-                request_id=request.request_id,
-                sequences=(SequenceOutput(index=0, token_ids=(), text="", finish_reason=FinishReason.ERROR),),
-                finished=True,
-                prompt_tokens=request.prompt_len,
-                completion_tokens=0,
-                cached_tokens=0,
-                error=f"the engine stopped: {reason}",
-            )
             try:
-                request.sink(output)
+                request.sink(last_output(request.request_id, request.prompt_len, FinishReason.ERROR,
+                                         f"the engine stopped: {reason}"))
             except Exception:  # noqa: BLE001 - a broken sink must not stop the others
                 logger.exception("sink failed for %s", request.request_id)

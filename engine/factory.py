@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ from engine import loader
 from engine.config import EngineConfig
 from engine.default_model import DEFAULT_MODEL_ID
 from engine.engine_loop import EngineLoop
+from engine.engine_process import ProcessEngineLoop
 from engine.generation_config import resolve_sampling_params
 from engine.llm_engine import LLMEngine
 from engine.model_info import ModelInfo
@@ -28,7 +30,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 @dataclass
 class LoadedModel:
-    loop: EngineLoop
+    loop: EngineLoop | ProcessEngineLoop
     info: ModelInfo
     tokenizer: TextTokenizer
     folder: Path
@@ -64,6 +66,42 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
         raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
     folder = loader.resolve_model_folder(model, gguf_file=gguf_file)
     spec = loader.load_spec(folder)
+    tokenizer = TextTokenizer.from_folder(folder)
+    gen_path = folder / "generation_config.json"
+    defaults = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    loop: EngineLoop | ProcessEngineLoop
+    if config.engine_process:
+        # Everything that touches weights or the device happens in the child; the figures
+        # that depend on the runtime come back in its start report.
+        loop = ProcessEngineLoop(functools.partial(build_engine, str(folder), config, use_fp8, dtype, device))
+        runtime_dtype, fp8, max_model_len = loop.report.dtype, loop.report.fp8, loop.limits.max_model_len
+    else:
+        engine = build_engine(folder, config, use_fp8, dtype, device, spec=spec, tokenizer=tokenizer)
+        loop = EngineLoop(engine, config.max_in_flight, config.watchdog_timeout_s)
+        runtime = engine.runtime
+        runtime_dtype = str(runtime.dtype).removeprefix("torch.")
+        fp8, max_model_len = bool(getattr(runtime, "fp8_enabled", False)), engine.max_model_len
+    default_params = resolve_sampling_params(defaults, None, prompt_len=1, max_model_len=max_model_len)
+    info = ModelInfo(
+        model_id=str(model) if model not in (None, "default") else DEFAULT_MODEL_ID,
+        architecture=spec.architecture,
+        dtype=runtime_dtype,
+        fp8=fp8,
+        max_model_len=max_model_len,
+        vocab_size=spec.vocab_size,
+        eos_token_ids=default_params.eos_token_ids,
+        default_params=default_params,
+    )
+    return LoadedModel(loop, info, tokenizer, folder, defaults)
+
+
+def build_engine(folder, config: EngineConfig, use_fp8: bool, dtype, device, spec=None, tokenizer=None) -> LLMEngine:
+    """The runtime (weights on the device), its KV pool, warm-up, and the LLMEngine over it.
+
+    Module-level with plain arguments, so that functools.partial of it pickles: with
+    engine_process it is the builder that runs in the engine's child process."""
+    folder = Path(folder)
+    spec = spec if spec is not None else loader.load_spec(folder)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     logger.info("loading %s (%s) on %s in %s", folder, spec.architecture, torch_device, torch_dtype)
@@ -86,7 +124,7 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
     else:
         weights = loader.load_weights(folder, torch_dtype)
         runtime = TorchRuntime(spec, weights, torch_dtype, torch_device, use_fp8=use_fp8)
-    tokenizer = TextTokenizer.from_folder(folder)
+    tokenizer = tokenizer if tokenizer is not None else TextTokenizer.from_folder(folder)
 
     blocks = runtime.num_kv_blocks(config, max_model_len)
     runtime.init_kv_cache(blocks, config.block_size)
@@ -96,20 +134,4 @@ def load_model(model=None, *, use_fp8: bool = False, dtype=None, device=None, gg
         began = time.monotonic()
         runtime.warm_up()  # before the step loop's thread starts using the device
         logger.info("runtime warm-up (CUDA graphs) took %.1f s", time.monotonic() - began)
-
-    gen_path = folder / "generation_config.json"
-    defaults = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    engine = LLMEngine(runtime, tokenizer, config, max_model_len, blocks)
-    loop = EngineLoop(engine, config.max_num_seqs + config.max_waiting_requests, config.watchdog_timeout_s)
-    default_params = resolve_sampling_params(defaults, None, prompt_len=1, max_model_len=max_model_len)
-    info = ModelInfo(
-        model_id=str(model) if model not in (None, "default") else DEFAULT_MODEL_ID,
-        architecture=spec.architecture,
-        dtype=str(torch_dtype).removeprefix("torch."),
-        fp8=bool(getattr(runtime, "fp8_enabled", False)),
-        max_model_len=max_model_len,
-        vocab_size=spec.vocab_size,
-        eos_token_ids=default_params.eos_token_ids,
-        default_params=default_params,
-    )
-    return LoadedModel(loop, info, tokenizer, folder, defaults)
+    return LLMEngine(runtime, tokenizer, config, max_model_len, blocks)

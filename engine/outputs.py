@@ -3,11 +3,16 @@
 They are values: the engine never changes one after handing it out, and consumers must
 not either. They are plain slotted dataclasses rather than frozen ones because the step
 loop builds one or two per request per step, and a frozen dataclass costs three times
-as much to build (2.6 against 0.85 us by timeit): at 256 rows, about 0.9 ms a step."""
+as much to build (2.6 against 0.85 us by timeit): at 256 rows, about 0.9 ms a step.
+
+They also cross a process boundary (engine/engine_process.py pickles every step's
+outputs), so each pickles as its constructor call over its field values."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import operator
 from dataclasses import dataclass
 
 
@@ -20,6 +25,20 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the model step failed for this request
 
 
+def _pickled_by_fields(cls):
+    """Pickle as cls(*field values). By default a slotted dataclass pickles its state as a
+    dict of slot names, set back one by one: a step's 64 one-token outputs took 272 us to
+    dump and 164 us to load (timeit, 6.6 kB), against 137 and 63 us (3.8 kB) like this."""
+    values = operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
+
+    def __reduce__(self):
+        return cls, values(self)
+
+    cls.__reduce__ = __reduce__
+    return cls
+
+
+@_pickled_by_fields
 @dataclass(slots=True)
 class TokenLogprob:
     token_id: int
@@ -28,6 +47,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@_pickled_by_fields
 @dataclass(slots=True)
 class SequenceOutput:
     """What one sequence of a request produced in one step (a delta)."""
@@ -40,6 +60,7 @@ class SequenceOutput:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+@_pickled_by_fields
 @dataclass(slots=True)
 class RequestOutput:
     """One step's news for one request.

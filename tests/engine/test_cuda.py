@@ -454,6 +454,24 @@ def test_graph_replay_equals_eager_decode():
 
 
 @cuda_only
+@pytest.mark.parametrize("fp8", [False, True])
+def test_programmatic_dependent_launch_changes_no_logits(fp8, monkeypatch):
+    """Under PDL each kernel may start before the previous one ends, and waits for its
+    inputs inside: the logits must equal, bit for bit, those of kernels launched one after
+    the other, in CUDA graphs (buckets 1, 2, 4) and in mixed prefill + decode steps."""
+    from engine.runtime.cuda import kernels
+
+    if not kernels._pdl(1) or (fp8 and not fp8_capable()):
+        pytest.skip("PDL needs compute capability >= 9 (FP8 weights >= 8.9)")
+    model, spec = tiny_model("llama", torch.bfloat16)
+    launched_early = run_script(make_runtime(spec, model, torch.bfloat16, graphs=True, fp8=fp8))
+    monkeypatch.setattr(kernels, "PDL", False)
+    in_turn = run_script(make_runtime(spec, model, torch.bfloat16, graphs=True, fp8=fp8))
+    assert len(launched_early) == len(in_turn)
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(launched_early, in_turn))
+
+
+@cuda_only
 def test_decode_logits_survive_the_next_step():
     """The graph's output buffer is reused by every replay: execute() must hand out a copy."""
     from tests.engine.paged_driver import Pager, Seq, step

@@ -29,3 +29,19 @@ def test_merge_without_logprobs_keeps_none():
     b = output([SequenceOutput(0, (2,), "y")])
     assert merge_outputs(a, b).sequences[0].logprobs is None
     assert merge_outputs(a, b).sequences[0].token_ids == (1, 2)
+
+
+def test_outputs_pickle_as_they_were():
+    # engine/engine_process.py sends every step's outputs from its child process pickled.
+    import pickle
+
+    outputs = [
+        output([SequenceOutput(0, (5, 6), "ab", FinishReason.EOS, -0.75,
+                               (TokenLogprob(5, -0.5, ((5, -0.5), (9, -1.25))), TokenLogprob(6, -0.25)))],
+               finished=True, completion=2, queue_time=0.125),
+        RequestOutput("r2", (SequenceOutput(1, (), ""),), False, 1, 0, 0, error="the engine stopped"),
+    ]
+    again = pickle.loads(pickle.dumps(outputs))
+    assert again == outputs
+    assert type(again[0].sequences[0].finish_reason) is FinishReason
+    assert type(again[0].sequences[0].logprobs[0]) is TokenLogprob

@@ -13,10 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import TextGenerationClient, TextGenerationError
+from tests.parity import client_sequences, join_stream, same
+from tests.reliability.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,6 +142,29 @@ def test_drain_grace_cuts_streams_that_run_too_long(tiny_llama):
         code, log = server.finish()
         assert code == 0, log
         assert time.monotonic() - began < 10
+    finally:
+        server.kill()
+
+
+def test_engine_process_streams_like_the_thread_and_its_child_ends_with_the_server(tiny_llama, tiny_server):
+    # No --engine-process: a server steps its engine in a child process by default.
+    server = ServerProcess(tiny_llama, "--num-kv-blocks", "64")
+    try:
+        # The child logs through the server's stderr, marked as the engine process's.
+        server.wait_for_line(r"\[engine process\]: KV cache: 64 blocks")
+        server.wait_for_line(r"SERVING on")
+        spawned = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(spawned) == 1
+        options = dict(max_new_tokens=16, ignore_eos=True)
+        with TextGenerationClient(server.target, timeout=60) as client:
+            streamed = join_stream(client.generate_stream("Hello there", **options))
+        with TextGenerationClient(tiny_server.target, timeout=60) as client:  # the step loop on a thread
+            expected = client_sequences(client.generate("Hello there", **options).sequences)
+        assert same(streamed, expected) and len(streamed[0]["token_ids"]) == 16
+        server.proc.send_signal(signal.SIGTERM)
+        code, log = server.finish()
+        assert code == 0, log
+        wait_for(lambda: not psutil.pid_exists(spawned[0].pid), timeout=10, what="the engine process gone")
     finally:
         server.kill()
 

@@ -112,7 +112,7 @@ class CudaRuntime(ModelRuntime):
         self._tables = new(rows, self.max_blocks)
         self._slots.fill_(-1)
         self._live_rows = 0  # rows of the static buffers that may hold a real slot or context
-        self._graphs.clear()
+        self.drop_graphs()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         copy_kv_blocks(self.kv_cache, pairs)
@@ -195,6 +195,13 @@ class CudaRuntime(ModelRuntime):
         self._graphs[rows] = (graph, logits)
         self.capture_seconds += time.perf_counter() - start
         logger.info("captured the decode CUDA graph for batch %d in %.2f s", rows, time.perf_counter() - start)
+
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs; later captures go to a new memory pool. (Capturing
+        again into the old pool, once its graphs were gone, failed torch 2.11's caching
+        allocator assert `use_count > 0` in bench/gpu_bench.py on the H100.)"""
+        self._graphs.clear()
+        self._pool = None
 
     def warm_up(self) -> None:
         """Capture every bucket's graph now instead of on first use."""
