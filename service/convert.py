@@ -72,6 +72,21 @@ def generation_overrides(config: generation_config_pb2.GenerationConfig) -> dict
     return overrides
 
 
+# Prompts with more characters than this are tokenized on a worker thread, so that the
+# event loop serves other calls meanwhile (2 MB of text took 1.3 s to tokenize here).
+OFF_LOOP_CHARS = 1 << 16
+
+
+def long_input(request: generate_pb2.GenerateRequest) -> bool:
+    """Whether the request's text (or its chat messages together) exceeds OFF_LOOP_CHARS."""
+    kind = request.WhichOneof("input")
+    if kind == "text":
+        return len(request.text) > OFF_LOOP_CHARS
+    if kind == "messages":
+        return sum(len(m.content) for m in request.messages.messages) > OFF_LOOP_CHARS
+    return False
+
+
 def prompt_token_ids(request: generate_pb2.GenerateRequest, tokenizer) -> list[int]:
     kind = request.WhichOneof("input")
     if kind == "text":
@@ -90,8 +105,11 @@ def prompt_token_ids(request: generate_pb2.GenerateRequest, tokenizer) -> list[i
     raise InvalidParameterError("input", "set one of text, token_ids or messages")
 
 
-def generation_request(request: generate_pb2.GenerateRequest, engine, request_id: str) -> GenerationRequest:
-    ids = prompt_token_ids(request, engine.tokenizer)
+def generation_request(request: generate_pb2.GenerateRequest, engine, request_id: str,
+                       ids: list[int] | None = None) -> GenerationRequest:
+    """ids: the prompt's token ids when already computed (see long_input)."""
+    if ids is None:
+        ids = prompt_token_ids(request, engine.tokenizer)
     overrides = generation_overrides(request.config)
     if request.logprobs or request.top_logprobs:
         overrides["logprobs"] = request.top_logprobs

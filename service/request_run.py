@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 class RequestRun:
-    def __init__(self, engine, metrics, request, context, in_flight: dict[str, RequestRun]):
+    def __init__(self, engine, metrics, request, context, in_flight: dict[str, RequestRun],
+                 prompt_token_ids: list[int] | None = None):
+        """prompt_token_ids: the prompt already tokenized (a long one, off the event loop)."""
         if not request.request_id:  # unset or empty: "" would name no engine request to abort
             # Written back so that error logs (service/errors.py) name the request too.
             request.request_id = f"req-{uuid.uuid4().hex[:16]}"
@@ -27,7 +29,7 @@ class RequestRun:
         # deadline) would otherwise abort the first one too.
         if self.request_id in in_flight:
             raise DuplicateRequestError(f"request_id {self.request_id!r} is already in flight")
-        self.request = convert.generation_request(request, engine, self.request_id)
+        self.request = convert.generation_request(request, engine, self.request_id, prompt_token_ids)
         self._engine = engine
         self._metrics = metrics
         self._timer = metrics.request_timer()

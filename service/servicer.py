@@ -6,6 +6,8 @@ conversion in service/convert.py, so each method only wires them together.
 
 from __future__ import annotations
 
+import asyncio
+
 from clients.textgen.v1 import text_generation_service_pb2_grpc as pb_grpc
 from service import convert
 from service.errors import ServiceUnavailableError, map_errors
@@ -36,15 +38,22 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             raise ServiceUnavailableError("the engine is not healthy (its step loop is stuck or stopped); retry later")
         return engine
 
+    async def _start(self, request, context) -> RequestRun:
+        engine = self._generating_engine()
+        ids = None
+        if convert.long_input(request):  # the tokenizer runs without the GIL: the loop goes on
+            ids = await asyncio.to_thread(convert.prompt_token_ids, request, engine.tokenizer)
+        return RequestRun(engine, self.metrics, request, context, self.in_flight, prompt_token_ids=ids)
+
     @map_errors
     async def Generate(self, request, context):
-        run = RequestRun(self._generating_engine(), self.metrics, request, context, self.in_flight)
+        run = await self._start(request, context)
         outputs = [output async for output in run]
         return convert.generate_response_to_pb(run.request, outputs, request.return_prompt_token_ids)
 
     @map_errors
     async def GenerateStream(self, request, context):
-        run = RequestRun(self._generating_engine(), self.metrics, request, context, self.in_flight)
+        run = await self._start(request, context)
         started: set[int] = set()
         async for output in run:
             for delta in output.sequences:
@@ -56,8 +65,12 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     async def Tokenize(self, request, context):
         tokenizer = self._engine().tokenizer
         if request.return_offsets:
-            return convert.tokenize_response_to_pb(*tokenizer.encode_with_offsets(request.text))
-        return convert.tokenize_response_to_pb(tokenizer.encode(request.text), None)
+            encode = lambda: tokenizer.encode_with_offsets(request.text)  # noqa: E731
+        else:
+            encode = lambda: (tokenizer.encode(request.text), None)  # noqa: E731
+        if len(request.text) > convert.OFF_LOOP_CHARS:
+            return convert.tokenize_response_to_pb(*await asyncio.to_thread(encode))
+        return convert.tokenize_response_to_pb(*encode())
 
     @map_errors
     async def GetModelInfo(self, request, context):

@@ -122,3 +122,41 @@ def test_tokenize_and_model_info(tiny_server, client):
     assert defaults["max_new_tokens"] == info.default_params.max_new_tokens
     assert defaults["do_sample"] == info.default_params.do_sample
     assert defaults["early_stopping"] == info.default_params.early_stopping
+
+
+@pytest.mark.parametrize("rpc", ["generate", "stream", "tokenize"])
+def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny_server, client, monkeypatch, rpc):
+    """While a long prompt is tokenized the server answers other calls. Here the tokenizer
+    waits, holding the long call, until another call has been answered: were it run on
+    the event loop, nothing else could be answered and the other call would time out."""
+    import threading
+
+    from service.convert import OFF_LOOP_CHARS
+
+    tokenizer = tiny_server.engine.tokenizer
+    started, answered = threading.Event(), threading.Event()
+    real_encode = tokenizer.encode
+
+    def encode(text, *args, **kwargs):
+        if len(text) > OFF_LOOP_CHARS:
+            started.set()
+            answered.wait(30)
+            text = PROMPT
+        return real_encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    long_text = "x" * (OFF_LOOP_CHARS + 1)
+    calls = {
+        "generate": lambda: client.generate(long_text, max_new_tokens=2).sequences[0].token_ids,
+        "stream": lambda: join_stream(client.generate_stream(long_text, max_new_tokens=2))[0]["token_ids"],
+        "tokenize": lambda: client.tokenize(long_text).token_ids,
+    }
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, TextGenerationClient(tiny_server.target, timeout=5) as other:
+        long_call = pool.submit(calls[rpc])
+        try:
+            assert started.wait(30)
+            assert other.model_info().model_id == tiny_server.engine.info.model_id
+        finally:
+            answered.set()
+        result = long_call.result(60)
+    assert len(result) == (2 if rpc != "tokenize" else len(real_encode(PROMPT)))
