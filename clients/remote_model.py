@@ -16,11 +16,11 @@ import torch
 from clients.async_client import AsyncTextGenerationClient
 from clients.channel import default_target
 from clients.convert import CONFIG_FIELDS
-from clients.results import GenerationResult, ModelInfo
+from clients.results import GenerationResult, ModelInfo, Sequence, StreamChunk
 from clients.sync_client import TextGenerationClient
 
 # generate() keywords of transformers that change nothing for a remote model.
-_IGNORED_KWARGS = {"use_cache", "tokenizer", "output_scores", "synced_gpus", "streamer"}
+_IGNORED_KWARGS = {"use_cache", "tokenizer", "output_scores", "synced_gpus"}
 # transformers' names the API spells differently.
 _RENAMED = {"stop_strings": "stop_sequences"}
 
@@ -68,17 +68,29 @@ class RemoteModelForCausalLM:
         return self._client.model_info()
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-        batch = self._prepare(input_ids, attention_mask, generation_config, kwargs)
-        return batch.assemble(self._client.generate_batch(batch.prompts, **batch.options))
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, **kwargs):
+        """As the engine's generate(); a `streamer` (transformers' put / end interface) gets
+        the prompt and then each new token as the server streams them (GenerateStream)."""
+        batch = self._prepare(input_ids, attention_mask, generation_config, kwargs, streamer)
+        if streamer is None:
+            return batch.assemble(self._client.generate_batch(batch.prompts, **batch.options))
+        streamer.put(batch.ids.cpu())
+        chunks = [_stream(streamer, c) for c in self._client.generate_stream(batch.prompts[0], **batch.options)]
+        streamer.end()
+        return batch.assemble([_streamed_result(chunks)])
 
-    async def agenerate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-        batch = self._prepare(input_ids, attention_mask, generation_config, kwargs)
+    async def agenerate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, **kwargs):
+        batch = self._prepare(input_ids, attention_mask, generation_config, kwargs, streamer)
         # grpc.aio channels belong to one event loop: one per call keeps agenerate usable from any loop.
         async with AsyncTextGenerationClient(self.target, timeout=self.timeout, **self._security) as client:
-            return batch.assemble(await client.generate_batch(batch.prompts, **batch.options))
+            if streamer is None:
+                return batch.assemble(await client.generate_batch(batch.prompts, **batch.options))
+            streamer.put(batch.ids.cpu())
+            chunks = [_stream(streamer, c) async for c in client.generate_stream(batch.prompts[0], **batch.options)]
+            streamer.end()
+            return batch.assemble([_streamed_result(chunks)])
 
-    def _prepare(self, input_ids, attention_mask, generation_config, kwargs):
+    def _prepare(self, input_ids, attention_mask, generation_config, kwargs, streamer=None):
         info = self.model_info
         options = _options(generation_config, kwargs)
         return_dict = bool(options.pop("return_dict_in_generate", False))
@@ -94,10 +106,30 @@ class RemoteModelForCausalLM:
         mask = _attention_mask(ids, attention_mask, pad, info.eos_token_ids)
         prompts = [[t for t, m in zip(row, row_mask) if m] for row, row_mask in zip(ids.tolist(), mask.tolist())]
         num_beams = options.get("num_beams", info.default_generation_config.get("num_beams", 1))
+        if streamer is not None:  # transformers' own limits, as the engine checks them
+            if num_beams > 1:
+                raise ValueError("streamer: a streamer cannot be used with beam search")
+            if len(prompts) * options.get("num_return_sequences", 1) > 1:
+                raise ValueError("streamer: a streamer supports one sequence (batch size 1) only")
         return _Batch(ids, prompts, options, 0 if pad is None else pad, num_beams > 1, return_dict)
 
     def close(self) -> None:
         self._client.close()
+
+
+def _stream(streamer, chunk: StreamChunk) -> StreamChunk:
+    for token in chunk.token_ids:  # one put per token, as transformers' decoding loop does
+        streamer.put(torch.tensor([token]))
+    return chunk
+
+
+def _streamed_result(chunks: list[StreamChunk]) -> GenerationResult:
+    """A streamed request's one sequence, as generate_batch would have returned it."""
+    last = chunks[-1]
+    tokens = [t for chunk in chunks for t in chunk.token_ids]
+    sequence = Sequence(index=0, text="".join(c.text for c in chunks), token_ids=tokens,
+                        finish_reason=last.finish_reason, cumulative_logprob=last.cumulative_logprob)
+    return GenerationResult(request_id=last.request_id, sequences=[sequence], usage=last.usage)
 
 
 def _options(generation_config, kwargs: dict) -> dict:

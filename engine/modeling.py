@@ -8,6 +8,7 @@ row becomes one engine request; all rows run in the shared continuous batch.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -20,7 +21,7 @@ from engine.outputs import RequestOutput
 from engine.params import GenerationRequest, SamplingParams
 
 # generate() keywords of transformers that change nothing here.
-_IGNORED_KWARGS = {"use_cache", "tokenizer", "output_scores", "synced_gpus", "streamer"}
+_IGNORED_KWARGS = {"use_cache", "tokenizer", "output_scores", "synced_gpus"}
 
 
 @dataclass
@@ -74,17 +75,27 @@ class CausalLM:
         return GenerationConfig.from_dict(dict(self.engine._loaded.generation_defaults))
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-        requests, rows, return_dict = self._prepare(input_ids, attention_mask, generation_config, kwargs)
-        results = _run_sync(self.engine, requests)
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, **kwargs):
+        """transformers' generate(). A `streamer` (transformers' TextStreamer,
+        TextIteratorStreamer, or any object with put / end) gets the prompt and then each
+        new token as transformers hands them over: put() on the caller's thread."""
+        requests, rows, return_dict = self._prepare(input_ids, attention_mask, generation_config, kwargs, streamer)
+        if streamer is None:
+            results = _run_sync(self.engine, requests)
+        else:
+            results = [_run_streamed(self.engine, requests[0], rows, streamer)]
         return self._assemble(rows, requests, results, return_dict)
 
-    async def agenerate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-        requests, rows, return_dict = self._prepare(input_ids, attention_mask, generation_config, kwargs)
-        results = await asyncio.gather(*(_run_async(self.engine, r) for r in requests))
+    async def agenerate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, **kwargs):
+        requests, rows, return_dict = self._prepare(input_ids, attention_mask, generation_config, kwargs, streamer)
+        if streamer is not None:
+            streamer.put(rows.cpu())
+        results = await asyncio.gather(*(_run_async(self.engine, r, streamer) for r in requests))
+        if streamer is not None:
+            streamer.end()
         return self._assemble(rows, requests, results, return_dict)
 
-    def _prepare(self, input_ids, attention_mask, generation_config, kwargs):
+    def _prepare(self, input_ids, attention_mask, generation_config, kwargs, streamer=None):
         kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS}
         return_dict = bool(kwargs.pop("return_dict_in_generate", False))
         if input_ids is None:
@@ -95,9 +106,14 @@ class CausalLM:
         if ids.dim() != 2 or ids.numel() == 0 or ids.is_floating_point():
             raise InvalidParameterError("input_ids", f"expected a non-empty [batch, length] integer tensor, got shape {tuple(ids.shape)}")
         params = self.engine._loaded.resolve_params(ids.shape[1], generation_config, **kwargs)
+        if streamer is not None:  # transformers' own limits
+            if params.use_beam_search:
+                raise InvalidParameterError("streamer", "a streamer cannot be used with beam search")
+            if ids.shape[0] * params.num_sequences > 1:
+                raise InvalidParameterError("streamer", "a streamer supports one sequence (batch size 1) only")
         # generate() returns token ids once all are there: the engine need not build text
-        # as it goes, nor report each step.
-        params = replace(params, detokenize=False, final_output_only=True)
+        # as it goes, nor report each step (unless a streamer wants each token).
+        params = replace(params, detokenize=False, final_output_only=streamer is None)
         mask = self._attention_mask(ids, attention_mask, params)
         requests = []
         for row, row_mask in zip(ids.tolist(), mask.tolist()):
@@ -179,8 +195,40 @@ def _run_sync(engine: AsyncEngine, requests: list[GenerationRequest]) -> list[_R
     return [_collect(row) for row in outputs]
 
 
-async def _run_async(engine: AsyncEngine, request: GenerationRequest) -> _RowResult:
-    return _collect([o async for o in engine.generate(request, prompt_field="input_ids")])
+def _run_streamed(engine: AsyncEngine, request: GenerationRequest, prompt: torch.Tensor, streamer) -> _RowResult:
+    """One request whose new tokens go to streamer.put one at a time, on this thread (a slow
+    streamer must not hold up the step loop), after the prompt; then streamer.end()."""
+    arrived: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+    loop = engine._loop
+    request_id = loop.submit(request, arrived.put, field="input_ids")
+    outputs: list[RequestOutput] = []
+    try:
+        streamer.put(prompt.cpu())
+        while not outputs or not outputs[-1].finished:
+            outputs.append(arrived.get())
+            _stream(streamer, outputs[-1])
+    except BaseException:
+        loop.abort(request_id)
+        raise
+    if outputs[-1].error is not None:
+        raise RequestFailedError(outputs[-1].error)
+    streamer.end()
+    return _collect(outputs)
+
+
+def _stream(streamer, output: RequestOutput) -> None:
+    for seq in output.sequences:
+        for token in seq.token_ids:  # one put per token, as transformers' decoding loop does
+            streamer.put(torch.tensor([token]))
+
+
+async def _run_async(engine: AsyncEngine, request: GenerationRequest, streamer=None) -> _RowResult:
+    outputs = []
+    async for output in engine.generate(request, prompt_field="input_ids"):
+        if streamer is not None and output.error is None:
+            _stream(streamer, output)
+        outputs.append(output)
+    return _collect(outputs)
 
 
 class AutoModelForCausalLM:

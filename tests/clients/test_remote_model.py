@@ -82,3 +82,37 @@ def test_from_pretrained_reads_the_target_from_the_environment(tiny_server, monk
     assert model.target == tiny_server.target
     assert model.model_info.vocab_size == tiny_server.engine.info.vocab_size
     model.close()
+
+
+class RecordingStreamer:
+    """transformers' streamer interface (put / end), recording what it is handed."""
+
+    def __init__(self):
+        self.puts: list[list] = []
+        self.ended = 0
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 9}, {"max_new_tokens": 6, "do_sample": True, "seed": 3}])
+def test_a_streamer_gets_the_same_puts_as_in_process(models, kwargs):
+    local, remote = models
+    streamers = {name: RecordingStreamer() for name in ("local", "remote", "remote async")}
+    expected = local.generate(ROWS[:1], streamer=streamers["local"], **kwargs)
+    got = remote.generate(ROWS[:1], streamer=streamers["remote"], **kwargs)
+    got_async = asyncio.run(remote.agenerate(ROWS[:1], streamer=streamers["remote async"], **kwargs))
+    assert torch.equal(got, expected) and torch.equal(got_async, expected)
+    assert streamers["local"].puts[0] == ROWS[:1].tolist() and len(streamers["local"].puts) > 1
+    for name in ("remote", "remote async"):
+        assert streamers[name].puts == streamers["local"].puts and streamers[name].ended == 1
+
+
+def test_a_streamer_with_beams_or_two_rows_is_refused(models):
+    _, remote = models
+    for ids, kwargs in ((ROWS[:1], {"num_beams": 2}), (ROWS, {})):
+        with pytest.raises(ValueError, match="streamer"):
+            remote.generate(ids, attention_mask=MASK[: len(ids)], max_new_tokens=3, streamer=RecordingStreamer(), **kwargs)

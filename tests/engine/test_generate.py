@@ -141,3 +141,71 @@ def test_bad_prompts_are_rejected(pair):
         ours.generate(torch.tensor([[1, 2, 10**7]]))
     with pytest.raises(ValueError, match="context"):
         ours.generate(torch.ones((1, 600), dtype=torch.long), max_new_tokens=4)
+
+
+class RecordingStreamer:
+    """transformers' streamer interface (put / end), recording what it is handed."""
+
+    def __init__(self):
+        self.puts: list[list] = []
+        self.ended = 0
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+@pytest.mark.parametrize("options", [dict(do_sample=False), dict(do_sample=False, min_new_tokens=12)])
+def test_streamer_gets_what_transformers_hands_it(pair, options):
+    ours, ref = pair
+    inputs = ours.tokenizer(PROMPTS[:1], return_tensors="pt")
+    expected, got = RecordingStreamer(), RecordingStreamer()
+    want = ref.generate(**inputs, max_new_tokens=12, streamer=expected, **options)
+    out = ours.generate(inputs["input_ids"], max_new_tokens=12, streamer=got, **options)
+    assert torch.equal(out, want)
+    assert got.puts == expected.puts and (got.ended, expected.ended) == (1, 1)
+    assert len(got.puts) == 1 + out.shape[1] - inputs["input_ids"].shape[1]  # the prompt, then each token
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_text_iterator_streamer_yields_the_generated_text(pair):
+    import threading
+
+    ours, _ = pair
+    inputs = ours.tokenizer(PROMPTS[:1], return_tensors="pt")
+    streamer = transformers.TextIteratorStreamer(ours.tokenizer, skip_prompt=True, timeout=60)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("out", ours.generate(
+        inputs["input_ids"], max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)))
+    worker.start()
+    text = "".join(streamer)
+    worker.join(60)
+    new = result["out"][0, inputs["input_ids"].shape[1]:]
+    assert text == ours.tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_agenerate_streams_too(pair):
+    ours, _ = pair
+    inputs = ours.tokenizer(PROMPTS[:1], return_tensors="pt")
+    sync, asy = RecordingStreamer(), RecordingStreamer()
+    a = ours.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False, streamer=sync)
+    b = asyncio.run(ours.agenerate(inputs["input_ids"], max_new_tokens=8, do_sample=False, streamer=asy))
+    assert torch.equal(a, b) and sync.puts == asy.puts and asy.ended == 1
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])
+def test_streamer_refuses_what_transformers_refuses(pair, options):
+    ours, _ = pair
+    inputs = ours.tokenizer(PROMPTS[:1], return_tensors="pt")
+    with pytest.raises(InvalidParameterError) as err:
+        ours.generate(inputs["input_ids"], max_new_tokens=4, streamer=RecordingStreamer(), **options)
+    assert err.value.field == "streamer"
+    two = left_padded(ours.tokenizer, PROMPTS[:2])
+    with pytest.raises(InvalidParameterError):
+        ours.generate(two["input_ids"], attention_mask=two["attention_mask"], max_new_tokens=4,
+                      streamer=RecordingStreamer())
