@@ -120,6 +120,32 @@ BAD = {
     "more KV blocks than the pool": ([1, 2], dict(max_new_tokens=300), ("max_new_tokens", ContextLengthError)),
 }
 
+def test_generate_with_a_streamer_in_process_mode(engines):
+    """The transformers-style model over a process-mode engine: the same tensor and the
+    same streamer calls as over the thread."""
+    import torch
+
+    from engine.modeling import CausalLM
+
+    class Recorder:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            pass
+
+    calls = []
+    for engine in engines:
+        streamer = Recorder()
+        out = CausalLM(engine).generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, min_new_tokens=6,
+                                        do_sample=False, streamer=streamer)
+        calls.append((out.tolist(), streamer.puts))
+    assert calls[0] == calls[1] and len(calls[0][1]) == 7
+
+
 
 @pytest.mark.parametrize("case", BAD)
 def test_invalid_requests_are_refused_at_submit_naming_the_same_field(engines, case):
