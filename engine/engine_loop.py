@@ -82,6 +82,23 @@ def validate_request(request: GenerationRequest, limits: EngineLimits, field: st
         )
 
 
+def admit(request: GenerationRequest, in_flight, max_in_flight: int, dead_reason: str | None, stopping: bool,
+          ids) -> str:
+    """The request's id (its own, or the next of `ids`) if the loop takes it now; raises
+    EngineDeadError, QueueFullError or InvalidParameterError (an id already in flight)
+    otherwise. The caller holds the lock that guards `in_flight` (its request ids)."""
+    if dead_reason is not None:
+        raise EngineDeadError(f"the engine has stopped: {dead_reason}")
+    if stopping:
+        raise EngineDeadError("the engine is shutting down")
+    if len(in_flight) >= max_in_flight:
+        raise QueueFullError(f"{len(in_flight)} requests in flight; the limit is {max_in_flight}")
+    request_id = request.request_id or f"req-{next(ids)}"
+    if request_id in in_flight:
+        raise InvalidParameterError("request_id", f"{request_id!r} is already in flight")
+    return request_id
+
+
 def last_output(request_id: str, prompt_tokens: int, reason: FinishReason, error: str | None = None) -> RequestOutput:
     """The final output of a request that the engine drops without a step: it stopped
     (ERROR, with `error`) or shut down (ABORTED)."""
@@ -128,15 +145,7 @@ class EngineLoop:
         """
         validate_request(request, self.limits, field)
         with self._lock:
-            if self.dead_reason is not None:
-                raise EngineDeadError(f"the engine has stopped: {self.dead_reason}")
-            if self._stopping:
-                raise EngineDeadError("the engine is shutting down")
-            if len(self._in_flight) >= self.max_in_flight:
-                raise QueueFullError(f"{len(self._in_flight)} requests in flight; the limit is {self.max_in_flight}")
-            request_id = request.request_id or f"req-{next(self._ids)}"
-            if request_id in self._in_flight:
-                raise InvalidParameterError("request_id", f"{request_id!r} is already in flight")
+            request_id = admit(request, self._in_flight, self.max_in_flight, self.dead_reason, self._stopping, self._ids)
             self._in_flight.add(request_id)
 
             def deliver(output: RequestOutput) -> None:

@@ -39,8 +39,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLimits, EngineLoop, Sink, last_output, validate_request
-from engine.errors import EngineDeadError, InvalidParameterError, QueueFullError
+from engine.engine_loop import EngineLimits, EngineLoop, Sink, admit, last_output, validate_request
+from engine.errors import EngineDeadError
 from engine.llm_engine import LLMEngine
 from engine.model_info import EngineStats
 from engine.outputs import FinishReason, RequestOutput
@@ -135,15 +135,7 @@ class ProcessEngineLoop:
         """As EngineLoop.submit: queue a request, return its id; raises the same errors."""
         validate_request(request, self.limits, field)
         with self._lock:
-            if self.dead_reason is not None:
-                raise EngineDeadError(f"the engine has stopped: {self.dead_reason}")
-            if self._stopping:
-                raise EngineDeadError("the engine is shutting down")
-            if len(self._sinks) >= self.max_in_flight:
-                raise QueueFullError(f"{len(self._sinks)} requests in flight; the limit is {self.max_in_flight}")
-            request_id = request.request_id or f"req-{next(self._ids)}"
-            if request_id in self._sinks:
-                raise InvalidParameterError("request_id", f"{request_id!r} is already in flight")
+            request_id = admit(request, self._sinks, self.max_in_flight, self.dead_reason, self._stopping, self._ids)
             if not self._sinks:
                 # Work after idling: the watchdog's clock starts now, not at the last message.
                 self._last_heard = time.monotonic()

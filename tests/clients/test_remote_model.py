@@ -9,6 +9,7 @@ import torch
 from transformers import GenerationConfig
 
 from clients import RemoteModelForCausalLM
+from tests.engine.helpers import RecordingStreamer
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +83,6 @@ def test_from_pretrained_reads_the_target_from_the_environment(tiny_server, monk
     assert model.target == tiny_server.target
     assert model.model_info.vocab_size == tiny_server.engine.info.vocab_size
     model.close()
-
-
-class RecordingStreamer:
-    """transformers' streamer interface (put / end), recording what it is handed."""
-
-    def __init__(self):
-        self.puts: list[list] = []
-        self.ended = 0
-
-    def put(self, value):
-        self.puts.append(value.tolist())
-
-    def end(self):
-        self.ended += 1
 
 
 @pytest.mark.parametrize("kwargs", [{"max_new_tokens": 9}, {"max_new_tokens": 6, "do_sample": True, "seed": 3}])

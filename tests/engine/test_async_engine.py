@@ -8,6 +8,7 @@ import time
 import pytest
 
 from engine import AsyncEngine, FinishReason, GenerationRequest, QueueFullError
+from tests.engine.helpers import wait_idle
 
 
 def greedy_request(engine, prompt, n, rid=None):
@@ -19,16 +20,6 @@ async def collect(engine, request, delay=0.0):
     outputs = [o async for o in engine.generate(request)]
     tokens = [t for o in outputs for s in o.sequences for t in s.token_ids]
     return tokens, outputs[-1]
-
-
-async def wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0:
-            return s
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
 
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 137)), [9] * 20, list(range(500, 503)), list(range(40, 90))]

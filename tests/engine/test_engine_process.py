@@ -28,6 +28,7 @@ from engine import (
     QueueFullError,
     RequestFailedError,
 )
+from tests.engine.helpers import RecordingStreamer, wait_idle
 from tests.reliability.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,16 +62,6 @@ async def collect(engine, req):
             seq[2], seq[3] = s.finish_reason, s.cumulative_logprob
             seq[4] += [(lp.token_id, lp.logprob, lp.top) for lp in s.logprobs or ()]
     return sequences, outputs[-1]
-
-
-async def wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0:
-            return s
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
 
 
 def close(a: float, b: float) -> bool:
@@ -127,19 +118,9 @@ def test_generate_with_a_streamer_in_process_mode(engines):
 
     from engine.modeling import CausalLM
 
-    class Recorder:
-        def __init__(self):
-            self.puts = []
-
-        def put(self, value):
-            self.puts.append(value.tolist())
-
-        def end(self):
-            pass
-
     calls = []
     for engine in engines:
-        streamer = Recorder()
+        streamer = RecordingStreamer()
         out = CausalLM(engine).generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, min_new_tokens=6,
                                         do_sample=False, streamer=streamer)
         calls.append((out.tolist(), streamer.puts))

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from engine import AutoModelForCausalLM, InvalidParameterError
+from tests.engine.helpers import RecordingStreamer
 
 PROMPTS = ["Hello, my name is", "The capital of France", "1, 2, 3,"]
 
@@ -141,20 +142,6 @@ def test_bad_prompts_are_rejected(pair):
         ours.generate(torch.tensor([[1, 2, 10**7]]))
     with pytest.raises(ValueError, match="context"):
         ours.generate(torch.ones((1, 600), dtype=torch.long), max_new_tokens=4)
-
-
-class RecordingStreamer:
-    """transformers' streamer interface (put / end), recording what it is handed."""
-
-    def __init__(self):
-        self.puts: list[list] = []
-        self.ended = 0
-
-    def put(self, value):
-        self.puts.append(value.tolist())
-
-    def end(self):
-        self.ended += 1
 
 
 @pytest.mark.parametrize("pair", ["llama"], indirect=True)

@@ -63,6 +63,12 @@ def _pdl(rows: int) -> bool:
     return PDL and rows <= PDL_MAX_ROWS
 
 
+def _pdl_launch(rows: int) -> dict:
+    """A launch's keywords for PDL: the kernel's own switch and Triton's launch option."""
+    pdl = _pdl(rows)
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 @triton.jit
 def _await_inputs(PDL: tl.constexpr):
     """Under programmatic dependent launch: wait until the previous kernel has finished and
@@ -285,9 +291,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
     args = (x, w, out, residual if residual is not None else dummy, norm if norm is not None else dummy,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
             M, N, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, eps)
-    pdl = _pdl(M)
-    flags = dict(NORM=norm is not None, ACT=act, RES=residual is not None, BIAS=bias is not None, FP8=fp8, PDL=pdl,
-                 launch_pdl=pdl)
+    flags = dict(NORM=norm is not None, ACT=act, RES=residual is not None, BIAS=bias is not None, FP8=fp8,
+                 **_pdl_launch(M))
     grid = (triton.cdiv(N, block_n),)
     if kind == "fma" and M <= FUSE_MAX_ROWS:
         stages = config[4] if len(config) > 4 else 1
@@ -328,7 +333,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if rows:
         block = _next_pow2(K)
         _rms_norm_kernel[(rows,)](x, weight, out, x.stride(0), out.stride(0), eps, K=K, BLOCK=block,
-                                  num_warps=8 if block >= 4096 else 4, PDL=_pdl(rows), launch_pdl=_pdl(rows))
+                                  num_warps=8 if block >= 4096 else 4, **_pdl_launch(rows))
     return out
 
 
@@ -354,7 +359,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if rows:
         block = 1024
         _silu_mul_kernel[(rows, triton.cdiv(K, block))](x, out, x.stride(0), out.stride(0), K=K, BLOCK=block,
-                                                        PDL=_pdl(rows), launch_pdl=_pdl(rows))
+                                                        **_pdl_launch(rows))
     return out
 
 
@@ -407,7 +412,7 @@ def quantize_rows_fp8(x: torch.Tensor, rows: int, min_scale: float, fp8_max: flo
     _quantize_rows_kernel[(rows,)](x, norm if norm is not None else x, q, scale, M, x.stride(0), eps, min_scale,
                                    fp8_max, 1.0 / fp8_max, K=K, BLOCK=block, ACT=act, NORM=norm is not None,
                                    num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
-                                   PDL=_pdl(rows), launch_pdl=_pdl(rows))
+                                   **_pdl_launch(rows))
     return q, scale
 
 
@@ -477,7 +482,7 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tens
     grid = (T, triton.cdiv(heads + 2 * kv_heads, ROPE_HEADS))
     _rope_cache_kernel[grid](qkv, positions, slots, table, cache, qkv.stride(0), table.shape[1], H=heads,
                              KVH=kv_heads, D=head_dim, HEADS=ROPE_HEADS, FP8_CACHE=cache.dtype.itemsize == 1,
-                             num_warps=2, PDL=_pdl(T), launch_pdl=_pdl(T))
+                             num_warps=2, **_pdl_launch(T))
 
 
 # ---------------------------------------------------------------------------------------
@@ -626,11 +631,11 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
         q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0, splits,
         KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_SIZE=block_size,
         TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, num_warps=warps, num_stages=stages,
-        PDL=_pdl(B), launch_pdl=_pdl(B),
+        **_pdl_launch(B),
     )
     if splits > 1:
         _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), splits, H=heads, D=head_dim,
-                                    SPLITS_PAD=_next_pow2(MAX_SPLITS), PDL=_pdl(B), launch_pdl=_pdl(B))
+                                    SPLITS_PAD=_next_pow2(MAX_SPLITS), **_pdl_launch(B))
     return out
 
 
