@@ -27,8 +27,9 @@ class FinishReason(str, enum.Enum):
 
 def _pickled_by_fields(cls):
     """Pickle as cls(*field values). By default a slotted dataclass pickles its state as a
-    dict of slot names, set back one by one: a step's 64 one-token outputs took 272 us to
-    dump and 164 us to load (timeit, 6.6 kB), against 137 and 63 us (3.8 kB) like this."""
+    dict of slot names, set back one by one: a step's 64 one-token outputs took 271 us to
+    dump and 160 us to load (6.0 kB), against 144 and 63 us (3.3 kB) like this
+    (bench/cpu_probes.py, docs/benchmarks.md)."""
     values = operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
 
     def __reduce__(self):

@@ -131,7 +131,8 @@ class TextTokenizer:
     # ---- text <-> ids ----
 
     # Through encode_batch, which gives the same ids as encode but runs without the GIL
-    # (encode holds it: 1.5 s for 2 MB of text, during which no other Python thread ran),
+    # (encode holds it: another thread stalled 1.4 s while 2 MB were tokenized; 44 ms with
+    # encode_batch; bench/cpu_probes.py, docs/benchmarks.md),
     # so that tokenizing a long prompt stops neither the step loop nor a server's event loop.
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids

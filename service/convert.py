@@ -73,7 +73,8 @@ def generation_overrides(config: generation_config_pb2.GenerationConfig) -> dict
 
 
 # Prompts with more characters than this are tokenized on a worker thread, so that the
-# event loop serves other calls meanwhile (2 MB of text took 1.3 s to tokenize here).
+# event loop serves other calls meanwhile (2 MB of text took 1.4 s to tokenize on the CPU
+# VM: bench/cpu_probes.py, docs/benchmarks.md).
 OFF_LOOP_CHARS = 1 << 16
 
 
