@@ -49,6 +49,7 @@ def ref_rms_norm(x, w, eps):
 
 
 @pytest.mark.parametrize("rows,cfg", [(1, ("fma", 8, 64, 4)), (3, ("fma", 16, 64, 4)), (1, ("dot", 32, 64, 4, 3)),
+                                      (1, ("fma", 8, 64, 4, 2)), (2, ("fma", 4, 32, 4, 3)),
                                       (4, ("dot", 16, 32, 4, 2)), (20, ("dot", 32, 64, 4, 3))])
 def test_gemv_fusions_match_torch(rows, cfg):
     from engine.runtime.cuda.kernels import gemv
@@ -81,7 +82,7 @@ def test_gemv_fp8_equals_dequantized_weights():
     q = quantize_rows(w)
     assert q.q.dtype == torch.float8_e4m3fn and q.scale.shape == (96,)
     assert rel(q.dequantize(torch.float32), w.float()) < 0.04  # e4m3 has 3 mantissa bits
-    for cfg in (("fma", 16, 128, 4), ("dot", 32, 128, 4, 3)):
+    for cfg in (("fma", 16, 128, 4), ("fma", 8, 64, 4, 3), ("dot", 32, 128, 4, 3)):
         y = gemv(x, q.q, scale=q.scale, config=cfg)
         assert rel(y, F.linear(x.float(), q.dequantize(torch.float32))) < bf16_tol()
 
@@ -131,6 +132,26 @@ def test_quantization_with_a_fused_prologue_equals_the_kernels_in_turn(prologue)
         apart = quantize_rows_fp8(silu_mul(x), 48, _MIN_SCALE, FP8_MAX)
     (q, scale), (q_ref, scale_ref) = fused, apart
     assert q.shape == q_ref.shape == (48, 640 if prologue == "norm" else 320)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale, scale_ref)
+
+
+@cuda_only
+def test_quantization_with_the_residual_add_fused_equals_the_add_then_the_kernel():
+    """The previous projection's residual add fused into the next one's quantization: the
+    residual stream ends as x.add_(branch) leaves it, and the FP8 rows and scales are
+    bit for bit those of the RMSNorm-fused quantization of that stream."""
+    from engine.runtime.cuda.fp8 import _MIN_SCALE, FP8_MAX
+    from engine.runtime.cuda.kernels import quantize_rows_fp8
+
+    g = torch.Generator(device="cpu").manual_seed(5)
+    x = (torch.randn(37, 640, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    branch = torch.randn(37, 640, generator=g).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(640, generator=g).to(DEVICE, torch.bfloat16)
+    fused_x, apart_x = x.clone(), x.clone().add_(branch)
+    q, scale = quantize_rows_fp8(fused_x, 48, _MIN_SCALE, FP8_MAX, norm=weight, eps=1e-5, add=branch)
+    q_ref, scale_ref = quantize_rows_fp8(apart_x, 48, _MIN_SCALE, FP8_MAX, norm=weight, eps=1e-5)
+    assert torch.equal(fused_x, apart_x)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(scale, scale_ref)
 
@@ -626,7 +647,7 @@ def test_gemv_at_llama_shapes(rows, kind, fp8):
 
     if kind == "fma" and rows > 4:
         pytest.skip("the FMA kernel serves up to 4 rows")
-    cfg = ("fma", 8, 1024, 4) if kind == "fma" else ("dot", 32, 256, 4, 4)
+    cfg = ("fma", 8, 1024, 4, 4) if kind == "fma" else ("dot", 32, 256, 4, 4)
     g = torch.Generator(device="cuda").manual_seed(rows)
     bf = torch.bfloat16
     make = lambda *s: torch.randn(*s, generator=g, device="cuda").to(bf)  # noqa: E731

@@ -152,12 +152,27 @@ def _program_tiles(x_ptr, w_ptr, M, N, stride_x, K: tl.constexpr, M_PAD: tl.cons
 
 
 @triton.jit
-def _fma_tile(acc, w, x_rows, nw_ptr, out_ptr, kk, m_mask, rstd, K: tl.constexpr, ACT: tl.constexpr,
-              NORM: tl.constexpr):
+def _one_row(x_ptr, m, stride_x):
+    """Row m of x as a [1, 1] pointer tile: the 2-D shape the prologue helpers take."""
+    return (x_ptr + m * stride_x + tl.zeros([1], dtype=tl.int64))[:, None]
+
+
+@triton.jit
+def _one_row_rstd(x_row, M, m, eps, K: tl.constexpr, K_POW2: tl.constexpr):
+    """RMSNorm's 1 / sqrt(mean(x^2) + eps) of row m as a [1] vector, in one load."""
+    k = tl.arange(0, K_POW2)
+    xv = tl.load(x_row + k[None, :], mask=(k < K)[None, :] & (m < M), other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) / K + eps)
+
+
+@triton.jit
+def _row_fma(acc, w, x_row, nw_ptr, out_ptr, kk, M, m, rstd, K: tl.constexpr, ACT: tl.constexpr,
+             NORM: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K] += w * f(x[m]) columns kk (broadcast over the weight rows)."""
     k_mask = kk < K
-    x_mask = m_mask[:, None] & k_mask[None, :]
-    xv = _input_tile(x_rows, nw_ptr, out_ptr, kk, k_mask, x_mask, rstd, K, ACT, NORM).to(tl.float32)
-    return acc + xv[:, None, :] * w.to(tl.float32)[None, :, :]
+    x_mask = k_mask[None, :] & (m < M)
+    xv = _input_tile(x_row, nw_ptr, out_ptr, kk, k_mask, x_mask, rstd, K, ACT, NORM).to(tl.float32)
+    return acc + w.to(tl.float32) * xv
 
 
 @triton.jit
@@ -166,27 +181,45 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
                  K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, BIAS: tl.constexpr,
                  FP8: tl.constexpr, K_POW2: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
-    rn, n_mask, rm, m_mask, rk, x_rows, w_rows = _program_tiles(x_ptr, w_ptr, M, N, stride_x, K, M_PAD, BLOCK_N,
-                                                                BLOCK_K)
+    """y = f(x) @ w.T for one or two rows on the FMA units: one [BLOCK_N, BLOCK_K] float32
+    accumulator per row. (One [rows, BLOCK_N, BLOCK_K] accumulator, as this kernel had
+    before, gave the products a layout of one element per thread along K: the compiler
+    then read each pipelined weight tile back from shared memory one byte or half-word at
+    a time, 64 loads per thread and tile, and FP8 steps were bound by instruction issue.)"""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
     # Each weight byte is read once: keep it out of the caches' way. The first tile is
     # requested before the wait for the inputs, so that under PDL it streams in while the
     # previous kernel finishes.
     w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0,
                 eviction_policy="evict_first")
     _await_inputs(PDL)
-    rstd = tl.zeros([M_PAD], dtype=tl.float32)
+    x0 = _one_row(x_ptr, 0, stride_x)
+    x1 = _one_row(x_ptr, 1, stride_x)
+    r0 = tl.zeros([1], dtype=tl.float32)
+    r1 = tl.zeros([1], dtype=tl.float32)
     if NORM:
-        rstd = _row_rstd(x_ptr, M, stride_x, eps, K, K_POW2, M_PAD, M_PAD)
-    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = _fma_tile(acc, w, x_rows, nw_ptr, out_ptr, rk, m_mask, rstd, K, ACT, NORM)
+        r0 = _one_row_rstd(x0, M, 0, eps, K, K_POW2)
+        if M_PAD > 1:
+            r1 = _one_row_rstd(x1, M, 1, eps, K, K_POW2)
+    acc0 = _row_fma(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), w, x0, nw_ptr, out_ptr, rk, M, 0, r0, K,
+                    ACT, NORM)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if M_PAD > 1:
+        acc1 = _row_fma(acc1, w, x1, nw_ptr, out_ptr, rk, M, 1, r1, K, ACT, NORM)
     # STAGES > 1 lets the compiler issue the next tiles' loads before this one's FMAs.
     for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         kk = k0 + rk
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0,
                     eviction_policy="evict_first")
-        acc = _fma_tile(acc, w, x_rows, nw_ptr, out_ptr, kk, m_mask, rstd, K, ACT, NORM)
-    y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
-    _store_projection(y, out_ptr, res_ptr, bias_ptr, scale_ptr, rm, m_mask, rn, n_mask, stride_out, stride_res,
+        acc0 = _row_fma(acc0, w, x0, nw_ptr, out_ptr, kk, M, 0, r0, K, ACT, NORM)
+        if M_PAD > 1:
+            acc1 = _row_fma(acc1, w, x1, nw_ptr, out_ptr, kk, M, 1, r1, K, ACT, NORM)
+    rm = tl.arange(0, M_PAD)
+    y = tl.where(rm[:, None] == 0, tl.sum(acc0, axis=1)[None, :], tl.sum(acc1, axis=1)[None, :])
+    _store_projection(y, out_ptr, res_ptr, bias_ptr, scale_ptr, rm, rm < M, rn, n_mask, stride_out, stride_res,
                       RES, BIAS, FP8)
 
 
@@ -232,14 +265,14 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
 
 # Decode projections run through these kernels up to SKINNY_MAX_ROWS rows (cuBLAS or
 # _scaled_mm above). Config per (weight bytes per element, rows bucket):
-# ("fma", BLOCK_N, BLOCK_K, num_warps[, stages]) for _gemv_kernel (rows <= 4 only) or
-# ("dot", BLOCK_N, BLOCK_K, num_warps, stages) for _skinny_kernel. From the H100 sweeps
-# of bench/gpu_bench.py --sweep (docs/benchmarks.md): at 1 row the two kernels stream the
-# weights equally fast (about 2.0 to 2.5 TB/s), but in the model, with the RMSNorm
-# prologue, the FMA kernel's step was 10% (bf16) and 40% (FP8) shorter. Pipelining the
-# FMA loop (stages > 1) shortened the whole batch-1 step by a further 3% (bf16) and 12%
-# (FP8), timed in the model by bench/gpu_bench.py's tune_in_model. Under PDL, FP8 does
-# best with 4 stages (3,150 against 3,194 us per step with 5; 2026-11-25 runs).
+# ("fma", BLOCK_N, BLOCK_K, num_warps[, stages]) for _gemv_kernel (up to FUSE_MAX_ROWS
+# rows) or ("dot", BLOCK_N, BLOCK_K, num_warps, stages) for _skinny_kernel. The one- and
+# two-row tiles were chosen inside the model (whole captured steps, bench/gpu_bench.py's
+# tune_in_model / tune_small_batches / tune_shapes on the 7B shape, H100, numbers in
+# docs/benchmarks.md): the isolated sweeps (--sweep) miss the fused prologues and the
+# overlap of back-to-back launches, and ranked tiles differently. At one row the FMA kernel
+# beat the tensor-core kernel by 10% (bf16) and 40% (FP8) in the model; pipelining its
+# loop (stages > 1) gave 3% and 12% more.
 SKINNY_MAX_ROWS = 64
 # Largest row count sent to the Triton kernels, per weight bytes per element (above it:
 # cuBLAS for bf16, torch._scaled_mm for FP8). At 32 rows cuBLAS matched the tensor-core
@@ -247,8 +280,8 @@ SKINNY_MAX_ROWS = 64
 # was 1.7 to 8x slower than the FP8 kernel.
 SKINNY_ROWS = {2: 16, 1: 64}
 GEMV_CONFIG = {
-    (2, 1): ("fma", 8, 1024, 4, 2), (1, 1): ("fma", 8, 1024, 4, 4),
-    (2, 2): ("fma", 8, 1024, 4, 2), (1, 2): ("fma", 8, 256, 4, 2),
+    (2, 1): ("fma", 8, 1024, 4, 3), (1, 1): ("fma", 8, 1024, 4, 3),
+    (2, 2): ("fma", 4, 1024, 4, 4), (1, 2): ("fma", 16, 256, 4, 6),
     (2, 16): ("dot", 32, 256, 4, 4), (1, 16): ("dot", 16, 256, 4, 4),
     (2, 32): ("dot", 32, 256, 4, 4), (1, 32): ("dot", 16, 256, 4, 4),
     (2, 64): ("dot", 32, 256, 4, 4), (1, 64): ("dot", 16, 256, 4, 4),
@@ -259,10 +292,27 @@ def rows_bucket(rows: int) -> int:
     return max(16, _next_pow2(rows))
 
 
+# One-row tiles for wide weights (N >= 2K: q|k|v, gate|up, the LM head), where GEMV_CONFIG's
+# serves the square and tall ones (o, down). Timed shape by shape in whole 7B steps
+# (bench/gpu_bench.py tune_shapes, two H100 runs): the step 0.991 / 0.994 (bf16) and 0.990 /
+# 0.994 (FP8) times as long as with one tile for all.
+GEMV_WIDE_CONFIG = {(2, 1): ("fma", 2, 2048, 4, 4), (1, 1): ("fma", 8, 512, 4, 4)}
+# Exact-shape overrides, keyed (bytes per element, rows bucket, N, K): empty in the code;
+# bench/gpu_bench.py's tune_shapes fills it to time tiles shape by shape.
+GEMV_SHAPE_CONFIG: dict[tuple[int, int, int, int], tuple] = {}
+
+
 def config_key(rows: int, fp8: bool) -> tuple[int, int]:
     """GEMV_CONFIG's key: one row, 2 to FUSE_MAX_ROWS rows, or the rows' bucket."""
     bucket = 1 if rows == 1 else FUSE_MAX_ROWS if rows <= FUSE_MAX_ROWS else rows_bucket(rows)
     return (1 if fp8 else 2, bucket)
+
+
+def gemv_config(rows: int, n: int, k: int, fp8: bool) -> tuple:
+    """The tile config of a projection of `rows` rows with an [n, k] weight."""
+    key = config_key(rows, fp8)
+    return (GEMV_SHAPE_CONFIG.get(key + (n, k)) or (n >= 2 * k and GEMV_WIDE_CONFIG.get(key))
+            or GEMV_CONFIG[key])
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None, norm: torch.Tensor | None = None,
@@ -284,7 +334,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
     fp8 = w.dtype == torch.float8_e4m3fn
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    config = config or GEMV_CONFIG[config_key(M, fp8)]
+    config = config or gemv_config(M, N, K, fp8)
     kind, block_n, block_k, warps = config[:4]
     block_k = min(block_k, max(16, _next_pow2(K)))
     dummy = out
@@ -369,12 +419,14 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x, eps, min_scale, fp8_max, inv_fp8_max,
-                          K: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
-                          PDL: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, add_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x, stride_add, eps, min_scale,
+                          fp8_max, inv_fp8_max, K: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr,
+                          NORM: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     _await_inputs(PDL)
     # One program per row: the projection's prologue (RMSNorm, or SiLU(gate) * up), absmax,
     # scale, quantize, in one read of the row; the prologue's output never goes to memory.
+    # ADD (with NORM): x += add first, rounded as torch's in-place add, and stored: the
+    # residual add of the previous projection done in the same pass.
     # Rows past M (padding for _scaled_mm's multiple of 16) become zeros with scale 1.
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK)
@@ -382,10 +434,21 @@ def _quantize_rows_kernel(x_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x, eps, min
     x_mask = (k_mask & (row < M))[None, :]
     x_row = (x_ptr + row * stride_x + tl.zeros([1], dtype=tl.int64))[:, None]  # [1, 1]: a one-row tile
     rstd = tl.zeros([1], dtype=tl.float32)
-    if NORM:
-        xf = tl.load(x_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+    if ADD:
+        dt = x_ptr.dtype.element_ty
+        a_row = (add_ptr + row * stride_add + tl.zeros([1], dtype=tl.int64))[:, None]
+        xs = (tl.load(x_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+              + tl.load(a_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)).to(dt)
+        tl.store(x_row + k[None, :], xs, mask=x_mask)
+        xf = xs.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / K + eps)
-    x = _input_tile(x_row, nw_ptr, x_ptr, k, k_mask, x_mask, rstd, K, ACT, NORM).to(tl.float32)
+        nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        x = ((xf * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt).to(tl.float32)
+    else:
+        if NORM:
+            xf = tl.load(x_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / K + eps)
+        x = _input_tile(x_row, nw_ptr, x_ptr, k, k_mask, x_mask, rstd, K, ACT, NORM).to(tl.float32)
     # As torch computes amax / 448: times the float32 reciprocal (its division by a scalar).
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), min_scale) * inv_fp8_max  # [1]
     scale = tl.where(row < M, scale, 1.0)
@@ -397,21 +460,24 @@ def _quantize_rows_kernel(x_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x, eps, min
 
 
 def quantize_rows_fp8(x: torch.Tensor, rows: int, min_scale: float, fp8_max: float, *,
-                      norm: torch.Tensor | None = None, eps: float = 0.0,
-                      act: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      norm: torch.Tensor | None = None, eps: float = 0.0, act: bool = False,
+                      add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """f(x) [M, K] -> (q [rows, K] float8_e4m3fn, scale [rows, 1] float32), rows >= M: per-row
     absmax scaling, f(x)[m] ~= q[m] * scale[m]; rows past M are zero. f is the identity,
     RMSNorm times `norm` (rounded as rms_norm rounds), or with `act` SiLU(gate) * up of
-    x = [gate | up] (as silu_mul): the same bits as those kernels followed by this one."""
+    x = [gate | up] (as silu_mul): the same bits as those kernels followed by this one.
+    add (with norm): x += add in place first (x.add_(add)'s bits), then as above."""
     M, K = x.shape
     if act:
         K //= 2
+    assert add is None or (norm is not None and not act and add.shape == x.shape and add.stride(-1) == 1)
     q = torch.empty(rows, K, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = _next_pow2(K)
-    _quantize_rows_kernel[(rows,)](x, norm if norm is not None else x, q, scale, M, x.stride(0), eps, min_scale,
-                                   fp8_max, 1.0 / fp8_max, K=K, BLOCK=block, ACT=act, NORM=norm is not None,
-                                   num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
+    _quantize_rows_kernel[(rows,)](x, add if add is not None else x, norm if norm is not None else x, q, scale, M,
+                                   x.stride(0), add.stride(0) if add is not None else 0, eps, min_scale, fp8_max,
+                                   1.0 / fp8_max, K=K, BLOCK=block, ACT=act, NORM=norm is not None,
+                                   ADD=add is not None, num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
                                    **_pdl_launch(rows))
     return q, scale
 
@@ -498,10 +564,15 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_p
                          stride_q, stride_out, stride_table, stride_block, qk_scale, window, num_splits,
                          KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-                         F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, PDL: tl.constexpr):
+                         F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+                         PDL: tl.constexpr):
     _await_inputs(PDL)
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEAD_MAJOR:  # a sequence's KV heads in neighbouring programs: they share each token's row
+        kvh = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     H: tl.constexpr = KVH * GROUP
     dt = q_ptr.dtype.element_ty  # the model dtype; an FP8 cache is widened to it
@@ -589,6 +660,10 @@ def _combine_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_out, num_splits, H: 
 LOG2E = 1.4426950408889634
 ATTN_TILE = 64
 MAX_SPLITS = 16
+# (tokens per tile, warps, stages) of the decode attention for a bf16 / fp16 and an FP8
+# cache, and the programs' order (bench/gpu_bench.py's attention_sweep times them).
+ATTN_CONFIG = {"model": (ATTN_TILE, 4, 3), "fp8": (64, 2, 2)}
+ATTN_HEAD_MAJOR = False
 
 
 def decode_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -616,22 +691,25 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
     f32 = INTERPRET or cache.dtype == torch.float32
     # An FP8 cache: e4m3 widens to fp16 in one instruction (to bf16 it takes several), so
     # the dots run in fp16 (q too: post-rope queries are far inside fp16's range), over
-    # 128-token tiles by 2 warps, 2 stages. Measured on the H100 (512 rows x 256 tokens,
-    # 8 KV heads): 117 us against 190 for the bf16 cache; with the bf16 cache's own tile
-    # (64 tokens, 4 warps, bf16 dots) the FP8 cache was barely faster (188 us).
+    # 64-token tiles by 2 warps, 2 stages. Measured on the H100 (512 rows x 256 tokens,
+    # 8 KV heads): 117 us against 190 for the bf16 cache with 128-token tiles; with the
+    # bf16 cache's own tile (64 tokens, 4 warps, bf16 dots) the FP8 cache was barely faster
+    # (188 us). At contexts of 128 to 256 tokens (the 8B offline run's) 64-token tiles took
+    # 94.9 us against 105.0 for 128 (bench/gpu_bench.py --kernels).
     fp8 = not f32 and cache.dtype.itemsize == 1
-    tile, warps, stages = (128, 2, 2) if fp8 else (ATTN_TILE, 4, 3)
+    tile, warps, stages = ATTN_CONFIG["fp8" if fp8 else "model"]
     if splits > 1:
         mid_o = torch.empty(B * heads * splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(B * heads * splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out
-    _paged_decode_kernel[(B, kv_heads, splits)](
+    grid = (kv_heads, B, splits) if ATTN_HEAD_MAJOR else (B, kv_heads, splits)
+    _paged_decode_kernel[grid](
         q, cache, tables, context_lens, out, mid_o, mid_lse,
         q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0, splits,
         KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_SIZE=block_size,
-        TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, num_warps=warps, num_stages=stages,
-        **_pdl_launch(B),
+        TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, HEAD_MAJOR=ATTN_HEAD_MAJOR, num_warps=warps,
+        num_stages=stages, **_pdl_launch(B),
     )
     if splits > 1:
         _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), splits, H=heads, D=head_dim,

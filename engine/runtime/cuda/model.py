@@ -129,15 +129,21 @@ class CudaLlama:
 
     # ---- ops --------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, w, *, norm: torch.Tensor | None = None, act: bool = False,
-               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """f(x) @ w.T (+ bias) (+ residual, in place), f = RMSNorm(norm) or SiLU(gate) * up."""
+               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               add: torch.Tensor | None = None) -> torch.Tensor:
+        """f(x) @ w.T (+ bias) (+ residual, in place), f = RMSNorm(norm) or SiLU(gate) * up.
+        add: a deferred residual branch (residual_linear's result), added into x first."""
         rows = x.shape[0]
-        if 0 < rows <= kernels.SKINNY_ROWS.get(1 if isinstance(w, Fp8Weight) else w.element_size(), 64):
+        skinny = 0 < rows <= kernels.SKINNY_ROWS.get(1 if isinstance(w, Fp8Weight) else w.element_size(), 64)
+        fused_add = isinstance(w, Fp8Weight) and not skinny and norm is not None
+        if add is not None and not fused_add:
+            x.add_(add)
+        if skinny:
             q, scale = (w.q, w.scale) if isinstance(w, Fp8Weight) else (w, None)
             return gemv(x, q, scale=scale, norm=norm, eps=self.eps, act=act, bias=bias, residual=residual,
                         out=residual)
-        if isinstance(w, Fp8Weight):  # the norm or SiLU is fused into the activations' quantization
-            y = scaled_mm_linear(x, w, bias, norm=norm, eps=self.eps, act=act)
+        if isinstance(w, Fp8Weight):  # the norm or SiLU (and `add`) fused into the activations' quantization
+            y = scaled_mm_linear(x, w, bias, norm=norm, eps=self.eps, act=act, add=add if fused_add else None)
         else:
             if norm is not None:
                 x = rms_norm(x, norm, self.eps)
@@ -148,20 +154,34 @@ class CudaLlama:
             return y
         return residual.add_(y)
 
+    def residual_linear(self, x: torch.Tensor, w, residual: torch.Tensor, *, act: bool = False,
+                        bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """residual += f(x) @ w.T, now (None returned), or, on the FP8 _scaled_mm path, later:
+        the branch is returned for the next projection's `add`, whose activation quantization
+        adds it in the same pass (one read of the residual stream fewer per layer and
+        projection, and one kernel fewer)."""
+        if isinstance(w, Fp8Weight) and x.shape[0] > kernels.SKINNY_ROWS.get(1, 64):
+            return self.linear(x, w, act=act, bias=bias)
+        self.linear(x, w, act=act, bias=bias, residual=residual)
+        return None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 kv_caches: list[torch.Tensor], decode: DecodeInputs | None, num_decodes: int,
                 prefill: list[tuple[int, int, int, list[int]]], logits_rows: torch.Tensor | None) -> torch.Tensor:
         """Logits (model dtype) of logits_rows (None: every row)."""
         h = F.embedding(input_ids, self.embed)
         flash = self._flash_prefill(prefill, kv_caches[0].shape[1])
+        branch = None  # a residual branch not yet added into h (see residual_linear)
         for layer, cache in zip(self.layers, kv_caches):
-            qkv = self.linear(h, layer.qkv, norm=layer.input_norm, bias=layer.qkv_bias)
+            qkv = self.linear(h, layer.qkv, norm=layer.input_norm, bias=layer.qkv_bias, add=branch)
             rope_and_cache(qkv, positions, slot_mapping, self.rope_table, cache, self.heads, self.kv_heads,
                            self.head_dim)
             attn = self._attention(qkv, cache, decode, num_decodes, prefill, flash)
-            h = self.linear(attn, layer.o, bias=layer.o_bias, residual=h)
-            gate_up = self.linear(h, layer.gate_up, norm=layer.post_norm, bias=layer.gate_up_bias)
-            h = self.linear(gate_up, layer.down, act=True, bias=layer.down_bias, residual=h)
+            branch = self.residual_linear(attn, layer.o, h, bias=layer.o_bias)
+            gate_up = self.linear(h, layer.gate_up, norm=layer.post_norm, bias=layer.gate_up_bias, add=branch)
+            branch = self.residual_linear(gate_up, layer.down, h, act=True, bias=layer.down_bias)
+        if branch is not None:
+            h.add_(branch)
         rows = h if logits_rows is None else h.index_select(0, logits_rows)
         return self.linear(rows, self.lm_head, norm=self.norm)
 

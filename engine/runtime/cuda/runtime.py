@@ -145,10 +145,11 @@ class CudaRuntime(ModelRuntime):
         return next(b for b in self.buckets if b >= n)
 
     def _static_step(self, rows: int) -> torch.Tensor:
+        """Logits in the model's dtype: the float32 copy that execute() hands out is made
+        after the replay, so that the conversion and the copy are one pass."""
         decode = DecodeInputs(self._tables[:rows], self._ctx[:rows], self._splits(rows))
-        logits = self.model.forward(self._ids[:rows], self._pos[:rows], self._slots[:rows], self._layer_caches,
-                                    decode, rows, [], None)
-        return logits.float()
+        return self.model.forward(self._ids[:rows], self._pos[:rows], self._slots[:rows], self._layer_caches,
+                                  decode, rows, [], None)
 
     def _decode(self, batch: ForwardBatch) -> torch.Tensor:
         n = batch.num_decodes
@@ -170,11 +171,14 @@ class CudaRuntime(ModelRuntime):
             graph.replay()
         else:
             logits = self._static_step(rows)
-        # A copy: the graph's output buffer is overwritten by the next replay, and a caller
-        # may keep a step's logits (4 MB at 32 rows of a 32k vocabulary, a few us).
+        # A float32 copy: the graph's output buffer is overwritten by the next replay, and a
+        # caller may keep a step's logits. Converting and copying in one pass instead of
+        # two (a float32 output in the graph, then a clone) saved 175 us of a 512-row
+        # Llama-3-8B step (docs/benchmarks.md).
         if batch.logits_indices.shape[0] == n:  # every decode row samples: rows 0..n-1
-            return logits[:n].clone()
-        return logits.index_select(0, batch.logits_indices)
+            rows = logits[:n]  # a view of the graph's buffer
+            return rows.float() if rows.dtype != torch.float32 else rows.clone()
+        return logits.index_select(0, batch.logits_indices).float()  # a new tensor already
 
     def _capture(self, rows: int) -> None:
         start = time.perf_counter()
