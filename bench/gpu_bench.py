@@ -149,13 +149,14 @@ class StubTokenizer:
         return ""
 
 
-def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=None, graphs=True, kv8=False):
+def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=None, graphs=True, kv8=False,
+                 fast_accum=True):
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < 2 * max_num_seqs)
     config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets,
-                          kv_cache_dtype="fp8" if kv8 else "auto")
+                          kv_cache_dtype="fp8" if kv8 else "auto", fp8_fast_accum=fast_accum)
     max_model_len = max_model_len or spec.max_position_embeddings
     runtime = CudaRuntime(spec, weights, torch.bfloat16, "cuda", use_fp8=fp8, config=config,
                           max_model_len=max_model_len)
@@ -782,14 +783,21 @@ def kernel_sweep(rows=512):
             row_a, row_b = torch.rand(m, 1, device="cuda") + 0.5, w.scale[None, :]
             one = torch.ones((), device="cuda")
             times = {}
-            for name, (sa, sb) in (("row-wise", (row_a, row_b)), ("per-tensor", (one, one))):
-                call = lambda sa=sa, sb=sb: torch._scaled_mm(xq, w.q.t(), scale_a=sa, scale_b=sb,  # noqa: E731
-                                                             out_dtype=torch.bfloat16)
+            results = {}
+            for name, (sa, sb, fast) in (("row-wise", (row_a, row_b, False)), ("row-wise fast-accum", (row_a, row_b, True)),
+                                         ("per-tensor", (one, one, False)), ("per-tensor fast-accum", (one, one, True))):
+                call = lambda sa=sa, sb=sb, fast=fast: torch._scaled_mm(  # noqa: E731
+                    xq, w.q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast)
                 times[name] = do_bench(call, warmup=20, rep=200, return_mode="median")
+                results[name] = call().float()
+            exact = torch.mm(xq.float() * row_a, (w.q.float() * w.scale[:, None]).t())
+            err = {name: ((results[name] - exact).norm() / exact.norm()).item() for name in ("row-wise", "row-wise fast-accum")}
             tflops = {name: 2 * m * n * k / ms / 1e9 for name, ms in times.items()}
             out[f"scaled_mm {m}x{n}x{k}"] = {name: round(ms * 1e3, 1) for name, ms in times.items()}
-            say(f"_scaled_mm {m} x {n} x {k}: row-wise {times['row-wise'] * 1e3:.0f} us ({tflops['row-wise']:.0f} "
-                f"TFLOP/s), per-tensor {times['per-tensor'] * 1e3:.0f} us ({tflops['per-tensor']:.0f} TFLOP/s)")
+            out[f"scaled_mm {m}x{n}x{k} rel err vs float32"] = err
+            say(f"_scaled_mm {m} x {n} x {k}: " + ", ".join(f"{name} {ms * 1e3:.0f} us ({tflops[name]:.0f} TFLOP/s)"
+                                                            for name, ms in times.items())
+                + f"; row-wise error against float32 {err['row-wise']:.2e}, fast-accum {err['row-wise fast-accum']:.2e}")
     RESULTS["kernel_sweep"] = out
 
 
@@ -1082,14 +1090,14 @@ def phase_clock(engine):
 
 
 def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256, batched_tokens=4096,
-                  kv8=False):
-    label = (f"{'fp8' if fp8 else 'bf16'}{'_kv8' if kv8 else ''}_seqs{max_num_seqs}"
+                  kv8=False, fast_accum=True):
+    label = (f"{'fp8' if fp8 else 'bf16'}{'_kv8' if kv8 else ''}{'' if fast_accum else '_nofa'}_seqs{max_num_seqs}"
              + (f"_tokens{batched_tokens}" if batched_tokens != 4096 else ""))
     free_memory()
     spec = spec_for(LLAMA3_8B)
     weights = random_weights(LLAMA3_8B)
     runtime, config, max_model_len = make_runtime(spec, weights, fp8=fp8, max_num_seqs=max_num_seqs,
-                                                  max_model_len=4096, kv8=kv8)
+                                                  max_model_len=4096, kv8=kv8, fast_accum=fast_accum)
     del weights
     free_memory()
     free_before = torch.cuda.mem_get_info()[0]
@@ -1170,12 +1178,13 @@ def summary():
 
 def offline_configs(text: str) -> list[dict]:
     """"bf16:256,fp8+kv8:512:8192" -> bench_offline keywords: weights (bf16 or fp8, "+kv8"
-    for an FP8 KV cache), max_num_seqs, max_num_batched_tokens (default 4096)."""
+    for an FP8 KV cache, "-fa" for _scaled_mm without fast accumulation), max_num_seqs,
+    max_num_batched_tokens (default 4096)."""
     configs = []
     for item in text.split(","):
         weights, seqs, *tokens = item.split(":")
-        configs.append({"fp8": weights.startswith("fp8"), "kv8": weights.endswith("+kv8"), "max_num_seqs": int(seqs),
-                        "batched_tokens": int(tokens[0]) if tokens else 4096})
+        configs.append({"fp8": weights.startswith("fp8"), "kv8": "+kv8" in weights, "max_num_seqs": int(seqs),
+                        "batched_tokens": int(tokens[0]) if tokens else 4096, "fast_accum": "-fa" not in weights})
     return configs
 
 

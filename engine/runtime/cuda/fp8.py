@@ -48,10 +48,11 @@ def quantize_rows(w: torch.Tensor, chunk_rows: int = 4096) -> Fp8Weight:
 
 def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None, *,
                      norm: torch.Tensor | None = None, eps: float = 0.0, act: bool = False,
-                     add: torch.Tensor | None = None) -> torch.Tensor:
+                     add: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
     """f(x) [M, K] (bf16/fp16) @ w.T through torch._scaled_mm with row-wise scales; f is
     RMSNorm times `norm`, SiLU(gate) * up (`act`, x = [gate | up]) or the identity.
-    add (with norm): x += add in place first, in the same pass as the quantization."""
+    add (with norm): x += add in place first, in the same pass as the quantization.
+    fast_accum: _scaled_mm's use_fast_accum (EngineConfig.fp8_fast_accum)."""
     m = x.shape[0]
     if x.device.type != "cuda":  # CPU tests: the same function, dequantized
         if add is not None:
@@ -66,7 +67,8 @@ def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = 
     # cast in one read of each row): the quantization alone in torch ops launches five,
     # which cost more than the FP8 GEMM saved at 256 rows on the H100 (docs/benchmarks.md).
     xq, xs = quantize_rows_fp8(x, m + (-m) % 16, _MIN_SCALE, FP8_MAX, norm=norm, eps=eps, act=act, add=add)
-    y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale[None, :], out_dtype=x.dtype)
+    y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale[None, :], out_dtype=x.dtype,
+                         use_fast_accum=fast_accum)
     y = y[:m]
     return y if bias is None else y + bias
 

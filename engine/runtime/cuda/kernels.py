@@ -36,13 +36,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the kernels are launched so that each may start while the kernel before it drains,
 # instead of after it. Each such kernel calls _await_inputs before it reads anything an
 # earlier kernel wrote (the projections first start loading their weights, which nothing
-# writes). Measured on the H100 (docs/benchmarks.md): the batch-1 step 3% shorter in bf16,
-# 5 to 9% in FP8; at 2 and 4 rows 0.993 to 1.034 times as long, at 32 rows 0.995 to 1.051
-# (bf16 always longer): so only one-row steps launch under PDL.
+# writes). Measured on the H100 (docs/benchmarks.md): the batch-1 step 3 to 5% shorter in
+# bf16, 5 to 9% in FP8; at 4 rows 0.993 to 1.037 times as long, at 32 rows 0.995 to 1.051.
+# At 2 rows, with the 2-D accumulator GEMV, 0.959 and 0.964 in bf16 against 1.005 and 1.009
+# in FP8 (two runs): so steps of one and two rows launch under PDL.
 # PDL None: decided at the first launch from the device (compute capability >= 9); the
 # bench sets it to compare.
 PDL: bool | None = None
-PDL_MAX_ROWS = 1
+PDL_MAX_ROWS = 2
 # Decode batches up to this many rows get the RMSNorm / SiLU * up fused into the projection
 # kernel (each program re-reads the whole input rows, cheap only for a few rows). At 4 rows
 # the fused FMA kernel's step (7B, H100) took 7.5 ms in bf16 and 6.6 ms in FP8 at best,

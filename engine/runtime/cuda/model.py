@@ -54,8 +54,9 @@ class DecodeInputs:
 
 class CudaLlama:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, fp8: bool = False):
+                 device: torch.device, fp8: bool = False, fast_accum: bool = False):
         self.spec, self.dtype, self.device, self.fp8 = spec, dtype, device, fp8
+        self.fast_accum = fast_accum  # torch._scaled_mm's use_fast_accum for FP8 weights
         self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.scale = spec.head_dim**-0.5
         self._use_flash_prefill = flash_prefill_available(dtype, device)
@@ -143,7 +144,8 @@ class CudaLlama:
             return gemv(x, q, scale=scale, norm=norm, eps=self.eps, act=act, bias=bias, residual=residual,
                         out=residual)
         if isinstance(w, Fp8Weight):  # the norm or SiLU (and `add`) fused into the activations' quantization
-            y = scaled_mm_linear(x, w, bias, norm=norm, eps=self.eps, act=act, add=add if fused_add else None)
+            y = scaled_mm_linear(x, w, bias, norm=norm, eps=self.eps, act=act, add=add if fused_add else None,
+                                 fast_accum=self.fast_accum)
         else:
             if norm is not None:
                 x = rms_norm(x, norm, self.eps)

@@ -58,7 +58,8 @@ class CudaRuntime(ModelRuntime):
                            str(dtype).removeprefix("torch."))
         try:
             with torch.inference_mode():
-                self.model = CudaLlama(spec, weights, dtype, self.device, fp8=self.fp8_enabled)
+                self.model = CudaLlama(spec, weights, dtype, self.device, fp8=self.fp8_enabled,
+                                       fast_accum=config.fp8_fast_accum)
         except MissingWeightError as e:
             raise ModelLoadError(f"incomplete {spec.architecture} checkpoint: {e.args[0]}") from None
         self.block_size = 0
