@@ -743,7 +743,7 @@ def kernel_sweep(rows=512):
         for cfg, head_major, splits in variants:
             kernels.ATTN_CONFIG[key], kernels.ATTN_HEAD_MAJOR = cfg, head_major
             try:
-                call = lambda: kernels.paged_decode_attention(  # noqa: E731
+                call = lambda cache=cache, splits=splits: kernels.paged_decode_attention(  # noqa: E731
                     q, cache, tables, ctx, heads, kvh, d, d**-0.5, splits=splits)
                 result = call()
                 ms = do_bench(call, warmup=20, rep=200, return_mode="median")
@@ -766,8 +766,9 @@ def kernel_sweep(rows=512):
                                  ("down (act)", 2 * 14336, {"act": True})):
             x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16, generator=g)
             norm = torch.randn(width, device="cuda", dtype=torch.bfloat16, generator=g) if kw.get("norm") else None
-            call = lambda: kernels.quantize_rows_fp8(x, m, 1e-12, 448.0, norm=norm, eps=1e-5,  # noqa: E731
-                                                     act=kw.get("act", False))
+            act = kw.get("act", False)
+            call = lambda x=x, m=m, norm=norm, act=act: kernels.quantize_rows_fp8(  # noqa: E731
+                x, m, 1e-12, 448.0, norm=norm, eps=1e-5, act=act)
             ms = do_bench(call, warmup=20, rep=200, return_mode="median")
             nbytes = x.numel() * 2 + x.numel() // (2 if kw.get("act") else 1)
             out[f"quantize {label} {m}"] = (round(ms * 1e3, 1), round(nbytes / ms / 1e6))
@@ -786,7 +787,7 @@ def kernel_sweep(rows=512):
             results = {}
             for name, (sa, sb, fast) in (("row-wise", (row_a, row_b, False)), ("row-wise fast-accum", (row_a, row_b, True)),
                                          ("per-tensor", (one, one, False)), ("per-tensor fast-accum", (one, one, True))):
-                call = lambda sa=sa, sb=sb, fast=fast: torch._scaled_mm(  # noqa: E731
+                call = lambda sa=sa, sb=sb, fast=fast, xq=xq, w=w: torch._scaled_mm(  # noqa: E731
                     xq, w.q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast)
                 times[name] = do_bench(call, warmup=20, rep=200, return_mode="median")
                 results[name] = call().float()
@@ -1009,9 +1010,10 @@ def step_gaps(engine, label, steps=40, max_model_len=4096):
     """One request decoding under torch.profiler: the device's busy time per step (union of
     kernel and copy intervals) against the step period, the longest idle gaps with the
     operations on either side, and the host's CUDA API time by call per step."""
-    from engine.sequence import Request
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from engine.sequence import Request
 
     params = greedy_params(128, steps + 8, max_model_len)
     engine.add_request(Request("gaps", prompts_for(1, 128, 32000, seed=77)[0], params, lambda out: None))
@@ -1150,10 +1152,10 @@ def summary():
     roof = r.get("roofline_bf16")
     roof8 = r.get("roofline_fp8")
     fmt = lambda v: f"{v:,.1f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
-    ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:.3f}" if a and b else "n/a"  # noqa: E731
     lines = ["| contender | batch 1 tok/s | batch 32 tok/s | batch 1 / roofline |", "|---|---|---|---|"]
     if roof:
-        lines.append(f"| roofline (weights / measured HBM read) | {fmt(roof)} | | 1.00 |")
+        lines.append(f"| roofline (weights / measured HBM read) | {fmt(roof)} | | 1.000 |")
     lines.append(f"| transformers generate (eager, sdpa) | {fmt(r.get('hf_b1'))} | {fmt(r.get('hf_b32'))} | "
                  f"{ratio(r.get('hf_b1'), roof)} |")
     lines.append(f"| ours bf16 (CUDA graphs, Triton) | {fmt(r.get('ours_bf16_b1'))} | {fmt(r.get('ours_bf16_b32'))} | "

@@ -21,7 +21,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # FP8 weights (use_fp8): let torch._scaled_mm accumulate without promoting the tensor
     # cores' FP8 partial sums to float32 along K, as TensorRT-LLM's and vLLM's FP8 GEMMs
-    # do. On the H100 (docs/benchmarks.md) the products took 0.84 to 0.96 of the time, their
+    # do. On the H100 (docs/benchmarks.md) the products took 0.86 to 0.95 of the time, their
     # error against float32 rose from 1.7e-3 to 2.1e-3 (K 4096) and 3.3e-3 (K 14336), and the
     # Llama-3-8B offline run gained 9%. Decodes of up to 64 rows (the Triton GEMV) are the
     # same either way.

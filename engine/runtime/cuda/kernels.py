@@ -38,8 +38,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # earlier kernel wrote (the projections first start loading their weights, which nothing
 # writes). Measured on the H100 (docs/benchmarks.md): the batch-1 step 3 to 5% shorter in
 # bf16, 5 to 9% in FP8; at 4 rows 0.993 to 1.037 times as long, at 32 rows 0.995 to 1.051.
-# At 2 rows, with the 2-D accumulator GEMV, 0.959 and 0.964 in bf16 against 1.005 and 1.009
-# in FP8 (two runs): so steps of one and two rows launch under PDL.
+# At 2 rows, with the 2-D accumulator GEMV, 0.959 to 0.964 in bf16 against 1.005 to 1.009 in
+# FP8 (three runs): so steps of one and two rows launch under PDL.
 # PDL None: decided at the first launch from the device (compute capability >= 9); the
 # bench sets it to compare.
 PDL: bool | None = None
@@ -295,8 +295,9 @@ def rows_bucket(rows: int) -> int:
 
 # One-row tiles for wide weights (N >= 2K: q|k|v, gate|up, the LM head), where GEMV_CONFIG's
 # serves the square and tall ones (o, down). Timed shape by shape in whole 7B steps
-# (bench/gpu_bench.py tune_shapes, two H100 runs): the step 0.991 / 0.994 (bf16) and 0.990 /
-# 0.994 (FP8) times as long as with one tile for all.
+# (bench/gpu_bench.py tune_shapes, two H100 runs), per-shape tiles made the step 0.991 and
+# 0.991 (bf16), 0.994 and 0.990 (FP8) times as long as one tile for all; these two are
+# what they chose for the wide weights.
 GEMV_WIDE_CONFIG = {(2, 1): ("fma", 2, 2048, 4, 4), (1, 1): ("fma", 8, 512, 4, 4)}
 # Exact-shape overrides, keyed (bytes per element, rows bucket, N, K): empty in the code;
 # bench/gpu_bench.py's tune_shapes fills it to time tiles shape by shape.
