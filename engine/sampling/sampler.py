@@ -101,8 +101,7 @@ class Sampler:
             # offline batch; see greedy_with_logprob).
             from engine.runtime.cuda.kernels import greedy_with_logprob
 
-            tokens, chosen = greedy_with_logprob(logits)
-            columns = [tokens.unsqueeze(1), chosen]
+            tokens, packed = greedy_with_logprob(logits)  # packed as below, in the same kernel
         else:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
             tokens = processed.argmax(dim=-1)  # greedy rows keep this
@@ -115,10 +114,10 @@ class Sampler:
             if k:
                 top = torch.topk(raw_logprobs, k, dim=-1)
                 columns += [top.indices, top.values]
-        # The step's only transfer back: token ids, their logprobs and the top-k
-        # alternatives travel together as float64 (exact for ids below 2**53 and for
-        # float32 logprobs).
-        packed = torch.cat([c.to(torch.float64) for c in columns], dim=1)
+            # The step's only transfer back: token ids, their logprobs and the top-k
+            # alternatives travel together as float64 (exact for ids below 2**53 and for
+            # float32 logprobs).
+            packed = torch.cat([c.to(torch.float64) for c in columns], dim=1)
         ready = None
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)

@@ -670,6 +670,23 @@ def test_gemv_at_llama_shapes(rows, kind, fp8):
     assert max(errors.values()) < 1e-2, errors
 
 
+def test_decode_inputs_fill_the_static_buffers():
+    """One kernel writes a step's rows into the CUDA graph's static inputs (int32 tables
+    widened); rows and table columns past the step's are left alone."""
+    from engine.runtime.cuda.kernels import fill_decode_inputs
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    static = tuple(torch.full((8,), -7, dtype=torch.int64, device=DEVICE) for _ in range(4))
+    static += (torch.full((8, 40), -7, dtype=torch.int64, device=DEVICE),)
+    step = [torch.randint(0, 1000, (3,), generator=g).to(DEVICE) for _ in range(4)]
+    tables = torch.randint(0, 5000, (3, 33), generator=g, dtype=torch.int32).to(DEVICE)
+    fill_decode_inputs(*step, tables, static)
+    for buffer, rows in zip(static, step):
+        assert torch.equal(buffer[:3], rows) and (buffer[3:] == -7).all()
+    assert torch.equal(static[4][:3, :33], tables.long())
+    assert (static[4][:3, 33:] == -7).all() and (static[4][3:] == -7).all()
+
+
 @cuda_only
 @pytest.mark.parametrize("vocab", [5000, 128256])
 def test_greedy_kernel_equals_argmax_and_log_softmax(vocab):
@@ -680,11 +697,14 @@ def test_greedy_kernel_equals_argmax_and_log_softmax(vocab):
     x[1, 17] = x[1, vocab - 3] = 100.0  # a tie: the first index wins, as torch.argmax
     x[3] = 0.0  # all equal
     x[5, : vocab // 2] = float("-inf")  # masked tokens
-    tokens, logprobs = greedy_with_logprob(x)
+    tokens, packed = greedy_with_logprob(x)
     assert torch.equal(tokens, x.argmax(dim=-1))
+    assert packed.dtype == torch.float64 and torch.equal(packed[:, 0], tokens.double())
     expected = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])
-    # Same value up to float32 summation order over the vocabulary and Triton's exp.
-    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+    # Same value up to float32 summation order over the vocabulary and Triton's exp; the
+    # float64 column holds a float32 value.
+    assert torch.equal(packed[:, 1:], packed[:, 1:].float().double())
+    torch.testing.assert_close(packed[:, 1:].float(), expected, rtol=1e-5, atol=1e-5)
 
 
 @cuda_only

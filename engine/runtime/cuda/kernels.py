@@ -725,9 +725,10 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
 
 
 @triton.jit
-def _greedy_kernel(logits_ptr, token_ptr, logprob_ptr, stride, V: tl.constexpr, BLOCK: tl.constexpr):
+def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, stride, V: tl.constexpr, BLOCK: tl.constexpr):
     # One program per row, two passes over it: the maximum and its first index, then the
-    # sum of exponentials. Only two numbers per row are written.
+    # sum of exponentials. Written: the token (int64, for the next step's input on the
+    # device) and [token, logprob] as float64 (the sampler's read-back row).
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     cols = tl.arange(0, BLOCK)
@@ -745,21 +746,62 @@ def _greedy_kernel(logits_ptr, token_ptr, logprob_ptr, stride, V: tl.constexpr, 
         x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
         total += tl.exp(x - top)
     chosen = tl.load(base + token).to(tl.float32)
+    logprob = chosen - (top + tl.log(tl.sum(total, axis=0)))  # float32, widened below as torch would
     tl.store(token_ptr + row, token.to(tl.int64))
-    tl.store(logprob_ptr + row, chosen - (top + tl.log(tl.sum(total, axis=0))))
+    tl.store(packed_ptr + 2 * row, token.to(tl.float64))
+    tl.store(packed_ptr + 2 * row + 1, logprob.to(tl.float64))
 
 
 def greedy_with_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [rows, vocab] -> (argmax [rows] int64, log_softmax at it [rows, 1] float32),
-    without the [rows, vocab] log-softmax that torch would write to gather one value a row
-    (525 MB a step at 1,024 rows of a 128k vocabulary). Ties go to the first index, as
+    """logits [rows, vocab] -> (argmax [rows] int64, [argmax, log_softmax at it] [rows, 2]
+    float64; the logprob computed in float32), without the [rows, vocab] log-softmax that
+    torch would write to gather one value a row (525 MB a step at 1,024 rows of a 128k
+    vocabulary), and with the sampler's read-back rows written directly (three kernels
+    fewer a step than converting and concatenating them). Ties go to the first index, as
     torch.argmax; NaN logits are not supported."""
     rows, vocab = logits.shape
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(rows, 1, dtype=torch.float32, device=logits.device)
+    packed = torch.empty(rows, 2, dtype=torch.float64, device=logits.device)
     if rows:
-        _greedy_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), V=vocab, BLOCK=2048, num_warps=8)
-    return tokens, logprobs
+        _greedy_kernel[(rows,)](logits, tokens, packed, logits.stride(0), V=vocab, BLOCK=2048, num_warps=8)
+    return tokens, packed
+
+
+# ---------------------------------------------------------------------------------------
+# A decode step's inputs into the CUDA graph's static buffers
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, ctx_ptr, tables_ptr, stride_table, width,
+                          s_ids_ptr, s_pos_ptr, s_slots_ptr, s_ctx_ptr, s_tables_ptr, stride_s_table,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    one = tl.arange(0, 1)  # [1] blocks: the interpreter (CPU tests) wants no scalar loads
+    tl.store(s_ids_ptr + row + one, tl.load(ids_ptr + row + one).to(tl.int64))
+    tl.store(s_pos_ptr + row + one, tl.load(pos_ptr + row + one).to(tl.int64))
+    tl.store(s_slots_ptr + row + one, tl.load(slots_ptr + row + one).to(tl.int64))
+    tl.store(s_ctx_ptr + row + one, tl.load(ctx_ptr + row + one).to(tl.int64))
+    cols = tl.arange(0, BLOCK)  # BLOCK >= width: one tile (no loop with a run-time bound)
+    mask = cols < width
+    src = tables_ptr + row.to(tl.int64) * stride_table
+    dst = s_tables_ptr + row.to(tl.int64) * stride_s_table
+    tl.store(dst + cols, tl.load(src + cols, mask=mask).to(tl.int64), mask=mask)
+
+
+def fill_decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
+                       tables: torch.Tensor, static: tuple[torch.Tensor, ...]) -> None:
+    """Rows [0, n) of the static (ids, positions, slots, context_lens, tables) buffers from a
+    step's n-row inputs (tables [n, width], width <= the static table's): one launch in
+    place of five copies, each a few microseconds of a batch-1 step."""
+    n, width = tables.shape
+    s_ids, s_pos, s_slots, s_ctx, s_tables = static
+    assert width <= s_tables.shape[1] and n <= s_ids.shape[0] and tables.stride(1) == 1
+    if n:
+        block = max(16, _next_pow2(width))  # a few compiled variants: one per power of two
+        _decode_inputs_kernel[(n,)](ids, positions, slots, context_lens, tables, tables.stride(0), width,
+                                    s_ids, s_pos, s_slots, s_ctx, s_tables, s_tables.stride(0), BLOCK=block,
+                                    num_warps=4 if block >= 2048 else 1)
 
 
 def num_sms(device: torch.device) -> int:
@@ -768,5 +810,6 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
-__all__ = ["FUSE_MAX_ROWS", "SKINNY_MAX_ROWS", "decode_splits", "gemv", "greedy_with_logprob", "num_sms",
+__all__ = ["FUSE_MAX_ROWS", "SKINNY_MAX_ROWS", "decode_splits", "fill_decode_inputs", "gemv", "greedy_with_logprob",
+           "num_sms",
            "paged_decode_attention", "rms_norm", "rope_and_cache", "silu_mul"]

@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.models.weights import MissingWeightError
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
-from engine.runtime.cuda.kernels import decode_splits, num_sms
+from engine.runtime.cuda.kernels import decode_splits, fill_decode_inputs, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
 from engine.runtime.kv_copy import copy_kv_blocks
 
@@ -156,11 +156,9 @@ class CudaRuntime(ModelRuntime):
         n = batch.num_decodes
         rows = self.bucket_for(n)
         width = min(batch.decode_block_tables.shape[1], self.max_blocks)
-        self._ids[:n].copy_(batch.input_ids)
-        self._pos[:n].copy_(batch.positions)
-        self._slots[:n].copy_(batch.slot_mapping)
-        self._ctx[:n].copy_(batch.decode_context_lens)
-        self._tables[:n, :width].copy_(batch.decode_block_tables[:, :width])
+        fill_decode_inputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
+                           batch.decode_block_tables[:, :width],
+                           (self._ids, self._pos, self._slots, self._ctx, self._tables))
         if self._live_rows > n:  # rows a larger batch used: padding again (no K/V write, empty context)
             self._slots[n : self._live_rows].fill_(-1)
             self._ctx[n : self._live_rows].zero_()
