@@ -434,11 +434,11 @@ def _quantize_rows_kernel(x_ptr, add_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x,
     k = tl.arange(0, BLOCK)
     k_mask = k < K
     x_mask = (k_mask & (row < M))[None, :]
-    x_row = (x_ptr + row * stride_x + tl.zeros([1], dtype=tl.int64))[:, None]  # [1, 1]: a one-row tile
+    x_row = _one_row(x_ptr, row, stride_x)
     rstd = tl.zeros([1], dtype=tl.float32)
     if ADD:
         dt = x_ptr.dtype.element_ty
-        a_row = (add_ptr + row * stride_add + tl.zeros([1], dtype=tl.int64))[:, None]
+        a_row = _one_row(add_ptr, row, stride_add)
         xs = (tl.load(x_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
               + tl.load(a_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)).to(dt)
         tl.store(x_row + k[None, :], xs, mask=x_mask)
