@@ -731,35 +731,34 @@ def kernel_sweep(rows=512):
     blocks = rows * max_blocks
     tables = torch.randperm(blocks, device="cuda", generator=g).view(rows, max_blocks)
     q = torch.randn(rows, (heads + 2 * kvh) * d, device="cuda", dtype=torch.bfloat16, generator=g)
-    kept = dict(kernels.ATTN_CONFIG), kernels.ATTN_HEAD_MAJOR
+    kept = dict(kernels.ATTN_CONFIG)
     out = {}
     for cache_dtype in (torch.float8_e4m3fn, torch.bfloat16):
         cache = (torch.randn(blocks, bs, 2 * kvh, d, device="cuda", generator=g) * 0.5).to(cache_dtype)
         key = "fp8" if cache_dtype.itemsize == 1 else "model"
         nbytes = int(ctx.sum()) * 2 * kvh * d * cache_dtype.itemsize
         reference = None
-        variants = [(kept[0][key], False, 1), (kept[0][key], True, 1), ((128, 2, 2), False, 1),
-                    ((64, 2, 1), False, 1), ((64, 2, 3), False, 1), ((32, 2, 2), False, 1), ((64, 4, 2), False, 1)]
-        for cfg, head_major, splits in variants:
-            kernels.ATTN_CONFIG[key], kernels.ATTN_HEAD_MAJOR = cfg, head_major
+        variants = [(kept[key], 1), ((128, 2, 2), 1), ((64, 2, 1), 1), ((64, 2, 3), 1), ((32, 2, 2), 1),
+                    ((64, 4, 2), 1), (kept[key], 2)]
+        for cfg, splits in variants:
+            kernels.ATTN_CONFIG[key] = cfg
             try:
                 call = lambda cache=cache, splits=splits: kernels.paged_decode_attention(  # noqa: E731
                     q, cache, tables, ctx, heads, kvh, d, d**-0.5, splits=splits)
                 result = call()
                 ms = do_bench(call, warmup=20, rep=200, return_mode="median")
             except Exception as exc:
-                say(f"  attention {key} {cfg} head-major {head_major} splits {splits}: {type(exc).__name__}")
+                say(f"  attention {key} {cfg} splits {splits}: {type(exc).__name__}")
                 continue
             if reference is None:
                 reference = result
             same = torch.equal(result, reference)
-            name = f"{key} cache {cfg} head-major {head_major} splits {splits}"
+            name = f"{key} cache {cfg} splits {splits}"
             out[name] = (round(ms * 1e3, 1), round(nbytes / ms / 1e6))
             say(f"attention, {rows} rows, {name}: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s, "
                 f"same output as the first: {same}")
     kernels.ATTN_CONFIG.clear()
-    kernels.ATTN_CONFIG.update(kept[0])
-    kernels.ATTN_HEAD_MAJOR = kept[1]
+    kernels.ATTN_CONFIG.update(kept)
     # The activation quantization in front of torch._scaled_mm, at the step's shapes.
     for m in (rows, 8192):
         for label, width, kw in (("qkv (norm)", 4096, {"norm": True}), ("o", 4096, {}),

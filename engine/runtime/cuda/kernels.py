@@ -115,10 +115,17 @@ def _input_tile(x_rows, nw_ptr, out_ptr, kk, k_mask, x_mask, rstd, K: tl.constex
     else:
         xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
     if NORM:
-        nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-        xn = (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
-        xv = (xn * nw[None, :]).to(dt)
+        xv = _norm_tile(xv, nw_ptr, kk, k_mask, rstd, dt)
     return xv
+
+
+@triton.jit
+def _norm_tile(xv, nw_ptr, kk, k_mask, rstd, dt: tl.constexpr):
+    """RMSNorm of the rows xv (columns kk, 1 / rms in rstd) times its weight, rounded to dt
+    where torch rounds: after the normalization and after the weight."""
+    nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+    xn = (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
+    return (xn * nw[None, :]).to(dt)
 
 
 @triton.jit
@@ -444,8 +451,7 @@ def _quantize_rows_kernel(x_ptr, add_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x,
         tl.store(x_row + k[None, :], xs, mask=x_mask)
         xf = xs.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / K + eps)
-        nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        x = ((xf * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt).to(tl.float32)
+        x = _norm_tile(xs, nw_ptr, k, k_mask, rstd, dt).to(tl.float32)
     else:
         if NORM:
             xf = tl.load(x_row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
@@ -566,15 +572,10 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_p
                          stride_q, stride_out, stride_table, stride_block, qk_scale, window, num_splits,
                          KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-                         F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-                         PDL: tl.constexpr):
+                         F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, PDL: tl.constexpr):
     _await_inputs(PDL)
-    if HEAD_MAJOR:  # a sequence's KV heads in neighbouring programs: they share each token's row
-        kvh = tl.program_id(0)
-        seq = tl.program_id(1)
-    else:
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
     H: tl.constexpr = KVH * GROUP
     dt = q_ptr.dtype.element_ty  # the model dtype; an FP8 cache is widened to it
@@ -663,9 +664,8 @@ LOG2E = 1.4426950408889634
 ATTN_TILE = 64
 MAX_SPLITS = 16
 # (tokens per tile, warps, stages) of the decode attention for a bf16 / fp16 and an FP8
-# cache, and the programs' order (bench/gpu_bench.py's attention_sweep times them).
+# cache (bench/gpu_bench.py's kernel_sweep times others).
 ATTN_CONFIG = {"model": (ATTN_TILE, 4, 3), "fp8": (64, 2, 2)}
-ATTN_HEAD_MAJOR = False
 
 
 def decode_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -705,13 +705,12 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
         mid_lse = torch.empty(B * heads * splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out
-    grid = (kv_heads, B, splits) if ATTN_HEAD_MAJOR else (B, kv_heads, splits)
-    _paged_decode_kernel[grid](
+    _paged_decode_kernel[(B, kv_heads, splits)](
         q, cache, tables, context_lens, out, mid_o, mid_lse,
         q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0, splits,
         KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_SIZE=block_size,
-        TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, HEAD_MAJOR=ATTN_HEAD_MAJOR, num_warps=warps,
-        num_stages=stages, **_pdl_launch(B),
+        TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, num_warps=warps, num_stages=stages,
+        **_pdl_launch(B),
     )
     if splits > 1:
         _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), splits, H=heads, D=head_dim,

@@ -129,13 +129,18 @@ class CudaLlama:
         return total
 
     # ---- ops --------------------------------------------------------------------------
+    @staticmethod
+    def _skinny(x: torch.Tensor, w) -> bool:
+        """Whether x @ w.T runs through the Triton decode projections (else cuBLAS or _scaled_mm)."""
+        rows = x.shape[0]
+        return 0 < rows <= kernels.SKINNY_ROWS.get(1 if isinstance(w, Fp8Weight) else w.element_size(), 64)
+
     def linear(self, x: torch.Tensor, w, *, norm: torch.Tensor | None = None, act: bool = False,
                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                add: torch.Tensor | None = None) -> torch.Tensor:
         """f(x) @ w.T (+ bias) (+ residual, in place), f = RMSNorm(norm) or SiLU(gate) * up.
         add: a deferred residual branch (residual_linear's result), added into x first."""
-        rows = x.shape[0]
-        skinny = 0 < rows <= kernels.SKINNY_ROWS.get(1 if isinstance(w, Fp8Weight) else w.element_size(), 64)
+        skinny = self._skinny(x, w)
         fused_add = isinstance(w, Fp8Weight) and not skinny and norm is not None
         if add is not None and not fused_add:
             x.add_(add)
@@ -162,7 +167,7 @@ class CudaLlama:
         the branch is returned for the next projection's `add`, whose activation quantization
         adds it in the same pass (one read of the residual stream fewer per layer and
         projection, and one kernel fewer)."""
-        if isinstance(w, Fp8Weight) and x.shape[0] > kernels.SKINNY_ROWS.get(1, 64):
+        if isinstance(w, Fp8Weight) and not self._skinny(x, w):
             return self.linear(x, w, act=act, bias=bias)
         self.linear(x, w, act=act, bias=bias, residual=residual)
         return None

@@ -175,8 +175,8 @@ class CudaRuntime(ModelRuntime):
         # two (a float32 output in the graph, then a clone) took the device-to-device copies
         # of a 512-row Llama-3-8B step from 186 to 11 us (docs/benchmarks.md).
         if batch.logits_indices.shape[0] == n:  # every decode row samples: rows 0..n-1
-            rows = logits[:n]  # a view of the graph's buffer
-            return rows.float() if rows.dtype != torch.float32 else rows.clone()
+            sampled = logits[:n]  # a view of the graph's buffer
+            return sampled.float() if sampled.dtype != torch.float32 else sampled.clone()
         return logits.index_select(0, batch.logits_indices).float()  # a new tensor already
 
     def _capture(self, rows: int) -> None:
