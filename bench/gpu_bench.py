@@ -246,7 +246,7 @@ class Driver:
                              [(0, n, start + n, list(seq["table"]))],
                              t(list(range(n)) if all_logits else [n - 1]))
         seq["fed"] += n
-        return self.rt.execute(batch)
+        return self.rt.execute(batch).to(torch.float32, copy=True)  # execute() may reuse its buffer
 
     def decode(self, seqs):
         from engine.runtime.base import ForwardBatch
@@ -264,7 +264,7 @@ class Driver:
         t = lambda v: torch.tensor(v, dtype=torch.int64, device="cuda")  # noqa: E731
         batch = ForwardBatch(t(ids), t(pos), t(slots), len(seqs), t(tables), t([s["fed"] for s in seqs]), [],
                              t(list(range(len(seqs)))))
-        return self.rt.execute(batch)
+        return self.rt.execute(batch).to(torch.float32, copy=True)  # execute() may reuse its buffer
 
 
 def greedy_logits(runtime, prompt, steps):
@@ -635,6 +635,82 @@ SMALL_BATCH_CANDIDATES = [("fma", 8, 512, 4, 3), ("fma", 4, 1024, 4, 4), ("fma",
                           ("fma", 16, 512, 4, 4), ("dot", 32, 256, 4, 4)]
 
 
+@section("decode attention: rope inside or apart, context splits")
+def attention_compare(runtime, label, rows_list=(1, 2, 32)):
+    """Captured decode steps with rope and the K/V write inside the attention kernel and
+    with rope_and_cache apart, alternately (three rounds, medians); then batch-1 steps by
+    the cap on context splits (the graph's split count follows max_model_len, the replay's
+    256-token contexts fill 4 of its 64-token tiles)."""
+    from engine.runtime.cuda import kernels
+
+    model = runtime.model
+    shipped_rows = model.rope_in_attention_rows
+    timed: dict = {(fused, rows): [] for fused in (False, True) for rows in rows_list}
+    for _ in range(3):
+        for fused in (False, True):
+            model.rope_in_attention_rows = max(rows_list) if fused else 0
+            runtime.drop_graphs()
+            for rows in rows_list:
+                timed[(fused, rows)].append(_graph_step_ms(runtime, rows, rep=100))
+    model.rope_in_attention_rows = shipped_rows
+    for rows in rows_list:
+        apart, inside = (sorted(timed[(f, rows)])[1] * 1e3 for f in (False, True))
+        say(f"{label}: batch {rows}: {apart:.0f} us per step with rope apart, {inside:.0f} us inside the attention "
+            f"({inside / apart:.3f})")
+        RESULTS[f"rope_{label}_b{rows}_us"] = {"apart": round(apart, 1), "inside": round(inside, 1)}
+    shipped = kernels.MAX_SPLITS
+    by_cap = {}
+    for _ in range(2):
+        for cap in (1, 2, 4, shipped):
+            kernels.MAX_SPLITS = cap
+            runtime.drop_graphs()
+            by_cap.setdefault(cap, []).append(_graph_step_ms(runtime, 1, rep=100))
+    kernels.MAX_SPLITS = shipped
+    runtime.drop_graphs()
+    say(f"{label}: batch-1 step (us) by the cap on context splits (the graph's: {runtime._splits(1)} at the cap "
+        f"{shipped}): " + ", ".join(f"{cap} {min(t) * 1e3:.0f}" for cap, t in by_cap.items()))
+    RESULTS[f"splits_{label}_b1_us"] = {cap: round(min(t) * 1e3, 1) for cap, t in by_cap.items()}
+
+
+@section("PDL: the next kernel's launch before or after the wait; weight tiles loaded before it")
+def launch_compare(runtime, label, rows_list=(1, 2)):
+    """Captured decode steps under three launch settings, alternately (three rounds,
+    medians): each kernel letting the next launch after its own wait for its inputs or
+    before it (kernels.PDL_EARLY_TRIGGER_MAX_ROWS), and with it the GEMV loading two weight
+    tiles before its wait instead of one (kernels.GEMV_PRELOAD_2_MAX_ROWS); then the
+    logits of a prefill and 32 greedy steps under each, which must be equal bit for bit."""
+    from engine.runtime.cuda import kernels
+
+    top = max(rows_list)
+    variants = {"after the wait, 1 tile": (0, {1: 0, 2: 0}), "before the wait, 1 tile": (top, {1: 0, 2: 0}),
+                "before the wait, 2 tiles": (top, {1: top, 2: top})}
+    shipped = kernels.PDL_EARLY_TRIGGER_MAX_ROWS, dict(kernels.GEMV_PRELOAD_2_MAX_ROWS)
+    timed: dict = {(v, rows): [] for v in variants for rows in rows_list}
+    for _ in range(3):
+        for v, setting in variants.items():
+            kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = setting
+            runtime.drop_graphs()
+            for rows in rows_list:
+                timed[(v, rows)].append(_graph_step_ms(runtime, rows, rep=100))
+    prompt = prompts_for(1, 128, 32000, seed=6)[0]
+    logits = {}
+    for v, setting in variants.items():
+        kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = setting
+        runtime.drop_graphs()
+        logits[v] = greedy_logits(runtime, prompt, 32)[1]
+    kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = shipped
+    runtime.drop_graphs()
+    first = next(iter(variants))
+    same = all(torch.equal(logits[v], logits[first]) for v in variants)
+    for rows in rows_list:
+        base = sorted(timed[(first, rows)])[1]
+        say(f"{label}: batch {rows} step (us): " + ", ".join(
+            f"{v} {sorted(timed[(v, rows)])[1] * 1e3:.0f} ({sorted(timed[(v, rows)])[1] / base:.3f})" for v in variants))
+        RESULTS[f"launch_{label}_b{rows}_us"] = {v: round(sorted(timed[(v, rows)])[1] * 1e3, 1) for v in variants}
+    say(f"{label}: logits equal bit for bit under all three (prefill + 32 decode steps): {same}")
+    RESULTS[f"launch_{label}_same_logits"] = same
+
+
 @section("2-row projection config, in the model")
 def tune_small_batches(runtime, label, rows_list=(2,)):
     from engine.runtime.cuda import kernels
@@ -768,10 +844,19 @@ def kernel_sweep(rows=512):
             act = kw.get("act", False)
             call = lambda x=x, m=m, norm=norm, act=act: kernels.quantize_rows_fp8(  # noqa: E731
                 x, m, 1e-12, 448.0, norm=norm, eps=1e-5, act=act)
-            ms = do_bench(call, warmup=20, rep=200, return_mode="median")
             nbytes = x.numel() * 2 + x.numel() // (2 if kw.get("act") else 1)
-            out[f"quantize {label} {m}"] = (round(ms * 1e3, 1), round(nbytes / ms / 1e6))
-            say(f"quantize {label}, {m} rows: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s (read + write)")
+            shipped = kernels.QUANT_FMA_DIVISION
+            for fma in (False, True):  # div_rn per element, or a reciprocal and an FMA correction
+                kernels.QUANT_FMA_DIVISION = fma
+                ms = do_bench(call, warmup=20, rep=200, return_mode="median")
+                q, scale = call()
+                if not fma:
+                    reference = q.view(torch.uint8).clone(), scale.clone()
+                same = torch.equal(q.view(torch.uint8), reference[0]) and torch.equal(scale, reference[1])
+                name = f"quantize {label} {m} {'fma' if fma else 'div_rn'}"
+                out[name] = (round(ms * 1e3, 1), round(nbytes / ms / 1e6))
+                say(f"{name}: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s (read + write); same bytes as div_rn: {same}")
+            kernels.QUANT_FMA_DIVISION = shipped
     # torch._scaled_mm with row-wise scales (what the runtime uses: one scale per token and
     # per output channel) against one scale per tensor, at the 8B projections' shapes.
     from engine.runtime.cuda.fp8 import quantize_rows
@@ -1091,8 +1176,9 @@ def phase_clock(engine):
 
 
 def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256, batched_tokens=4096,
-                  kv8=False, fast_accum=True):
-    label = (f"{'fp8' if fp8 else 'bf16'}{'_kv8' if kv8 else ''}{'' if fast_accum else '_nofa'}_seqs{max_num_seqs}"
+                  kv8=False, fast_accum=True, fuse_rope=True):
+    label = (f"{'fp8' if fp8 else 'bf16'}{'_kv8' if kv8 else ''}{'' if fast_accum else '_nofa'}"
+             f"{'' if fuse_rope else '_rope_apart'}_seqs{max_num_seqs}"
              + (f"_tokens{batched_tokens}" if batched_tokens != 4096 else ""))
     free_memory()
     spec = spec_for(LLAMA3_8B)
@@ -1100,6 +1186,8 @@ def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_
     runtime, config, max_model_len = make_runtime(spec, weights, fp8=fp8, max_num_seqs=max_num_seqs,
                                                   max_model_len=4096, kv8=kv8, fast_accum=fast_accum)
     del weights
+    if not fuse_rope:
+        runtime.model.rope_in_attention_rows = 0
     free_memory()
     free_before = torch.cuda.mem_get_info()[0]
     engine, blocks = make_engine(runtime, config, max_model_len, max_num_batched_tokens=batched_tokens)
@@ -1179,13 +1267,14 @@ def summary():
 
 def offline_configs(text: str) -> list[dict]:
     """"bf16:256,fp8+kv8:512:8192" -> bench_offline keywords: weights (bf16 or fp8, "+kv8"
-    for an FP8 KV cache, "-fa" for _scaled_mm without fast accumulation), max_num_seqs,
-    max_num_batched_tokens (default 4096)."""
+    for an FP8 KV cache, "-fa" for _scaled_mm without fast accumulation, "-nr" for rope in
+    its own kernel in decode steps too), max_num_seqs, max_num_batched_tokens (default 4096)."""
     configs = []
     for item in text.split(","):
         weights, seqs, *tokens = item.split(":")
         configs.append({"fp8": weights.startswith("fp8"), "kv8": "+kv8" in weights, "max_num_seqs": int(seqs),
-                        "batched_tokens": int(tokens[0]) if tokens else 4096, "fast_accum": "-fa" not in weights})
+                        "batched_tokens": int(tokens[0]) if tokens else 4096, "fast_accum": "-fa" not in weights,
+                        "fuse_rope": "-nr" not in weights})
     return configs
 
 
@@ -1235,6 +1324,8 @@ def main():
         check_logits(hf, runtime)
         check_graphs(runtime)
         pdl_compare(runtime, "bf16")
+        attention_compare(runtime, "bf16")
+        launch_compare(runtime, "bf16")
         tune_in_model(runtime, "bf16")
         tune_small_batches(runtime, "bf16")
         step_time(runtime, "bf16", rows_list=(1, 2, 4, 8, 32))
@@ -1245,6 +1336,8 @@ def main():
         engine8, _ = make_engine(runtime8, config8, max_model_len, num_blocks=800)
         check_fp8(runtime, runtime8)
         pdl_compare(runtime8, "fp8")
+        attention_compare(runtime8, "fp8")
+        launch_compare(runtime8, "fp8")
         tune_in_model(runtime8, "fp8")
         tune_small_batches(runtime8, "fp8")
         step_time(runtime8, "fp8", rows_list=(1, 2, 4, 8, 32))

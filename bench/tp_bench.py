@@ -75,14 +75,14 @@ def greedy(runtime, prompt: list[int], steps: int) -> tuple[list[int], torch.Ten
     n = len(prompt)
     prefill = ForwardBatch(tensor(prompt), tensor(list(range(n))), tensor(list(range(n))), 0,
                            tensor([]).reshape(0, 0), tensor([]), [(0, n, n, blocks)], tensor([n - 1]))
-    logits = [runtime.execute(prefill)[0]]
+    logits = [runtime.execute(prefill)[0].to(torch.float32, copy=True)]  # execute() may reuse its buffer
     tokens = [int(logits[-1].argmax())]
     table = tensor([blocks])
     start = time.perf_counter()
     for pos in range(n, n + steps - 1):
         step = ForwardBatch(tensor(tokens[-1:]), tensor([pos]), tensor([pos]), 1, table, tensor([pos + 1]), [],
                             tensor([0]))
-        logits.append(runtime.execute(step)[0])
+        logits.append(runtime.execute(step)[0].to(torch.float32, copy=True))
         tokens.append(int(logits[-1].argmax()))  # a host sync per token, as in serving
     return tokens, torch.stack(logits), time.perf_counter() - start
 

@@ -151,7 +151,7 @@ class LLMEngine:
         beams = {}
         for request_id, pairs in beam_rows.items():
             pairs.sort()
-            beam_logits = logits[[row for _, row in pairs]]
+            beam_logits = logits[[row for _, row in pairs]].float()  # a copy: the runtime may reuse `logits`
             beams[request_id] = self.requests[request_id].beam_search.step(beam_logits)
         return _LaunchedStep(out, self.sampler, pending, row_owner, beams, needs_host_tokens)
 

@@ -78,7 +78,10 @@ class ModelRuntime(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run one forward pass; return float32 logits [len(logits_indices), vocab]."""
+        """Run one forward pass; return logits [len(logits_indices), vocab] in float32 or the
+        model's dtype (the sampler widens them where it needs float32). They may live in a
+        buffer the runtime reuses: read or copy them before the next execute() call (work
+        queued on the device's stream before that call counts as read)."""
 
     def warm_up(self) -> None:  # noqa: B027 - optional hook, deliberately empty by default
         """Prepare everything the first steps would otherwise pay for (CUDA graphs); after

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.params import SamplingParams
-from engine.sampling.processors import process_logits
+from engine.sampling.processors import may_change_scores, process_logits
 from engine.transfer import to_device
 
 # The CUDA runtime's Triton kernel for plain greedy rows (engine/runtime/cuda/kernels.py).
@@ -91,12 +91,17 @@ class Sampler:
         """Queue the sampling of every row on the logits' device; nothing waits for it."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
-        logits = logits.float()
         params = [r.params for r in rows]
-        processed = process_logits(logits, params, [r.token_ids for r in rows], [r.num_generated for r in rows])
         sampling = [i for i, p in enumerate(params) if p.do_sample]
         k = min(max((p.logprobs or 0) for p in params), logits.shape[1]) if params else 0
-        if _FUSED_GREEDY and logits.is_cuda and processed is logits and not sampling and k == 0:
+        fused = _FUSED_GREEDY and logits.is_cuda and not sampling and k == 0
+        processed = None
+        if not (fused and not may_change_scores(params, [r.num_generated for r in rows])):
+            # transformers widens the logits to float32 before its processors; the fused
+            # greedy kernel widens each element as it reads it (same values, no copy).
+            logits = logits.float()
+            processed = process_logits(logits, params, [r.token_ids for r in rows], [r.num_generated for r in rows])
+        if fused and (processed is None or processed is logits):
             # Plain greedy rows: argmax and the chosen logprob in one kernel (the usual
             # offline batch; see greedy_with_logprob).
             from engine.runtime.cuda.kernels import greedy_with_logprob

@@ -138,6 +138,26 @@ def test_neutral_rows_are_untouched_bit_for_bit():
     assert torch.equal(ours.process_logits(logits, params, hist, [0] * ROWS), logits)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_may_change_scores_is_false_only_where_every_processor_is_a_no_op(seed):
+    """The sampler skips the float32 copy and process_logits where may_change_scores is
+    False: the processors must then hand back their input itself, whatever the history."""
+    rng = random.Random(seed)
+    logits, hist = random_batch(seed)
+    params = [random_params(rng, 1) if rng.random() < 0.3 else
+              SamplingParams(do_sample=False, min_new_tokens=rng.choice([0, 2, 40]),
+                             repetition_penalty=rng.choice([1.0, 1.0, 1.2]), no_repeat_ngram_size=rng.choice([0, 0, 2]))
+              for _ in range(ROWS)]
+    generated = [rng.randrange(0, 30) for _ in range(ROWS)]
+    skipped = 0
+    for i in range(ROWS):  # row by row, so that both answers occur
+        row, one, n = logits[i : i + 1], [params[i]], [generated[i]]
+        if not ours.may_change_scores(one, n):
+            skipped += 1
+            assert ours.apply_warpers(ours.apply_penalties(row, one, hist[i : i + 1], n), one) is row
+    assert 0 < skipped < ROWS
+
+
 # ---- the whole chain against GenerationMixin._get_logits_processor ------------------------------
 
 

@@ -15,8 +15,8 @@
 Numerics follow the torch path (transformers' order of bf16 roundings): RMSNorm in
 float32, rounded, then times the weight and rounded; rope products and sums rounded one
 by one; SiLU rounded before the multiply by `up`; residual adds after the rounding of
-the projection. Accumulation is float32 everywhere. (On the H100 a few percent of the
-rope results still differed from torch's by one rounding; tests allow that.)
+the projection. Accumulation is float32 everywhere. The rope kernels launch without FMA
+contraction, which had fused a product into the following sum (see _rotate_pairs).
 
 Under TRITON_INTERPRET=1 (CPU tests) bf16 `tl.dot` is not emulated correctly, so dots
 then run on float32 operands.
@@ -44,6 +44,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # bench sets it to compare.
 PDL: bool | None = None
 PDL_MAX_ROWS = 2
+# In steps of up to this many rows each PDL kernel lets the next one launch before it
+# waits for its own inputs, rather than after: a kernel's programs then become resident
+# (and start streaming their first weight tiles) while the kernel two back still runs.
+# Safe because every program's wait is for the full completion of the kernel before it,
+# which itself waited in the same way; and the next kernel can launch only once every
+# program of this one has been scheduled. Measured on the H100 (7B, captured steps, three
+# runs): one row 0.994 to 0.995 times as long in bf16, 0.998 to 0.999 in FP8; two rows
+# 1.001 to 1.003 in bf16 and 1.016 to 1.018 in FP8.
+PDL_EARLY_TRIGGER_MAX_ROWS = 1
 # Decode batches up to this many rows get the RMSNorm / SiLU * up fused into the projection
 # kernel (each program re-reads the whole input rows, cheap only for a few rows). At 4 rows
 # the fused FMA kernel's step (7B, H100) took 7.5 ms in bf16 and 6.6 ms in FP8 at best,
@@ -65,20 +74,27 @@ def _pdl(rows: int) -> bool:
 
 
 def _pdl_launch(rows: int) -> dict:
-    """A launch's keywords for PDL: the kernel's own switch and Triton's launch option."""
+    """A launch's keywords for PDL: the kernel's own mode (0: off, 1: wait then let the
+    next kernel launch, 2: the other way round; see PDL_EARLY_TRIGGER_MAX_ROWS) and
+    Triton's launch option."""
     pdl = _pdl(rows)
-    return {"PDL": pdl, "launch_pdl": pdl}
+    return {"PDL": (2 if rows <= PDL_EARLY_TRIGGER_MAX_ROWS else 1) if pdl else 0, "launch_pdl": pdl}
 
 
 @triton.jit
 def _await_inputs(PDL: tl.constexpr):
     """Under programmatic dependent launch: wait until the previous kernel has finished and
-    its writes are visible (through it, every earlier one's: it waited too), then let the
-    next kernel launch. Every program of a PDL-launched kernel must pass here before it
-    reads an earlier kernel's output or writes anything."""
-    if PDL:
+    its writes are visible (through it, every earlier one's: it waited too), and let the
+    next kernel launch (before the wait or after: PDL 2 or 1). Every program of a
+    PDL-launched kernel must pass here before it reads an earlier kernel's output or
+    writes anything."""
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL == 1:
         gdc_wait()
         gdc_launch_dependents()
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +204,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
                  M, N, stride_x, stride_out, stride_res, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, BIAS: tl.constexpr,
-                 FP8: tl.constexpr, K_POW2: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                 FP8: tl.constexpr, K_POW2: tl.constexpr, STAGES: tl.constexpr, PRELOAD: tl.constexpr,
+                 PDL: tl.constexpr):
     """y = f(x) @ w.T for one or two rows on the FMA units: one [BLOCK_N, BLOCK_K] float32
     accumulator per row. (One [rows, BLOCK_N, BLOCK_K] accumulator, as this kernel had
     before, gave the products a layout of one element per thread along K: the compiler
@@ -198,11 +215,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    # Each weight byte is read once: keep it out of the caches' way. The first tile is
-    # requested before the wait for the inputs, so that under PDL it streams in while the
-    # previous kernel finishes.
+    # Each weight byte is read once: keep it out of the caches' way. The first PRELOAD (1
+    # or 2) tiles are requested before the wait for the inputs, so that under PDL they
+    # stream in while the kernels before finish.
     w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0,
                 eviction_policy="evict_first")
+    w_next = w
+    if PRELOAD > 1:
+        w_next = tl.load(w_rows + BLOCK_K + rk[None, :], mask=n_mask[:, None] & (BLOCK_K + rk < K)[None, :],
+                         other=0.0, eviction_policy="evict_first")
     _await_inputs(PDL)
     x0 = _one_row(x_ptr, 0, stride_x)
     x1 = _one_row(x_ptr, 1, stride_x)
@@ -217,8 +238,12 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, bias_ptr, scale_ptr,
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if M_PAD > 1:
         acc1 = _row_fma(acc1, w, x1, nw_ptr, out_ptr, rk, M, 1, r1, K, ACT, NORM)
+    if PRELOAD > 1:
+        acc0 = _row_fma(acc0, w_next, x0, nw_ptr, out_ptr, BLOCK_K + rk, M, 0, r0, K, ACT, NORM)
+        if M_PAD > 1:
+            acc1 = _row_fma(acc1, w_next, x1, nw_ptr, out_ptr, BLOCK_K + rk, M, 1, r1, K, ACT, NORM)
     # STAGES > 1 lets the compiler issue the next tiles' loads before this one's FMAs.
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(PRELOAD * BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         kk = k0 + rk
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0,
                     eviction_policy="evict_first")
@@ -296,6 +321,14 @@ GEMV_CONFIG = {
 }
 
 
+# Steps of up to this many rows load two weight tiles per GEMV program before the wait for
+# the inputs instead of one, per weight bytes per element. Measured on the H100 (7B,
+# captured steps, against one tile, both with the early trigger; two runs): FP8 one row
+# 0.976 / 0.983 times as long, two rows 1.037 / 1.040; bf16 one row 1.009 / 1.009 (an FP8
+# tile holds half the bytes of a bf16 one).
+GEMV_PRELOAD_2_MAX_ROWS = {1: 1, 2: 0}
+
+
 def rows_bucket(rows: int) -> int:
     return max(16, _next_pow2(rows))
 
@@ -355,8 +388,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
     grid = (triton.cdiv(N, block_n),)
     if kind == "fma" and M <= FUSE_MAX_ROWS:
         stages = config[4] if len(config) > 4 else 1
+        preload = 2 if M <= GEMV_PRELOAD_2_MAX_ROWS.get(w.element_size(), 0) and K > block_k else 1
         _gemv_kernel[grid](*args, K=K, M_PAD=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, **flags,
-                           K_POW2=_next_pow2(K), STAGES=stages, num_warps=warps)
+                           K_POW2=_next_pow2(K), STAGES=stages, PRELOAD=preload, num_warps=warps)
     else:
         f32 = INTERPRET or x.dtype == torch.float32
         stages = config[4] if kind == "dot" else 3
@@ -427,10 +461,17 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+# The activation quantization divides by the row's scale through a reciprocal and an FMA
+# correction instead of div_rn per element: the same e4m3 values (bytes too, but for the
+# sign of zero), and the SiLU * up quantization of the Llama-3-8B down projection took
+# 0.81 to 0.82 times as long on the H100 at 512 and 8192 rows (bench/gpu_bench.py --kernels).
+QUANT_FMA_DIVISION = True
+
+
 @triton.jit
 def _quantize_rows_kernel(x_ptr, add_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x, stride_add, eps, min_scale,
                           fp8_max, inv_fp8_max, K: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr,
-                          NORM: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+                          NORM: tl.constexpr, ADD: tl.constexpr, FMA_DIV: tl.constexpr, PDL: tl.constexpr):
     _await_inputs(PDL)
     # One program per row: the projection's prologue (RMSNorm, or SiLU(gate) * up), absmax,
     # scale, quantize, in one read of the row; the prologue's output never goes to memory.
@@ -460,8 +501,19 @@ def _quantize_rows_kernel(x_ptr, add_ptr, nw_ptr, q_ptr, scale_ptr, M, stride_x,
     # As torch computes amax / 448: times the float32 reciprocal (its division by a scalar).
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), min_scale) * inv_fp8_max  # [1]
     scale = tl.where(row < M, scale, 1.0)
-    # Correctly rounded division, as torch's x / scale (the default one is approximate).
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+    # Correctly rounded division, as torch's x / scale (Triton's default one is approximate).
+    if FMA_DIV:  # one correctly rounded reciprocal a row, then per element a product and its
+        # FMA correction, which is the correctly rounded quotient (Markstein's theorem: the
+        # reciprocal within half an ulp, the first quotient within one) at a fraction of
+        # div_rn's instructions. One difference: x = -0 gives +0 (the correction's sum of
+        # zeros), which no product or sum can tell from -0. Keeping the sign (a select on
+        # x == 0) cost most of the time saved in the SiLU * up kernel on the H100.
+        r = tl.math.div_rn(tl.full([1], 1.0, tl.float32), scale)[:, None]
+        q0 = x * r
+        quotient = tl.fma(tl.fma(-q0, scale[:, None], x), r, q0)
+    else:
+        quotient = tl.math.div_rn(x, scale[:, None])
+    q = tl.clamp(quotient, -fp8_max, fp8_max)
     q = tl.where(row < M, q, 0.0)  # padding: +0, not the -0 a negative norm weight would leave
     tl.store(q_ptr + row * K + k[None, :], q.to(q_ptr.dtype.element_ty), mask=k_mask[None, :])
     tl.store(scale_ptr + row + tl.zeros([1], dtype=tl.int64), scale)
@@ -485,7 +537,8 @@ def quantize_rows_fp8(x: torch.Tensor, rows: int, min_scale: float, fp8_max: flo
     _quantize_rows_kernel[(rows,)](x, add if add is not None else x, norm if norm is not None else x, q, scale, M,
                                    x.stride(0), add.stride(0) if add is not None else 0, eps, min_scale, fp8_max,
                                    1.0 / fp8_max, K=K, BLOCK=block, ACT=act, NORM=norm is not None,
-                                   ADD=add is not None, num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
+                                   ADD=add is not None, FMA_DIV=QUANT_FMA_DIVISION,
+                                   num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
                                    **_pdl_launch(rows))
     return q, scale
 
@@ -501,6 +554,23 @@ def _to_cache(x, cache_ptr, FP8_CACHE: tl.constexpr):
     if FP8_CACHE:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
     return x.to(cache_ptr.dtype.element_ty)
+
+
+# Kernels that call _rotate_pairs launch with enable_fp_fusion=False: with Triton's default
+# contraction the compiler fused `a cos` into the sum (one bf16 FMA, PTX fma.rn.bf16),
+# skipping the product's rounding; a few percent of the rotated values then differed from
+# torch's by one rounding, and from each other between two kernels compiled differently.
+@triton.jit
+def _rotate_pairs(x, partner, table_ptr, pos, num_positions, d, HALF: tl.constexpr, dt: tl.constexpr):
+    """Rope of rows x [R, D] (partner: each element's pair partner 2i <-> 2i + 1, float32) at
+    position pos: a' = a cos - b sin at 2i, b' = b cos + a sin at 2i + 1, each product and
+    the sum rounded to dt as torch rounds them (negating a rounded product is exact)."""
+    cos = tl.load(table_ptr + pos * HALF + d // 2).to(tl.float32)[None, :]
+    sin = tl.load(table_ptr + num_positions * HALF + pos * HALF + d // 2).to(tl.float32)[None, :]
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
+    xc = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    ps = (partner * sin).to(dt).to(tl.float32)
+    return (xc + sign * ps).to(dt)
 
 
 @triton.jit
@@ -525,14 +595,7 @@ def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, table_ptr, cache_ptr, stride_
     row = qkv_ptr + t * stride_qkv + h[:, None] * D
     x = tl.load(row + d[None, :], mask=valid, other=0.0)
     partner = tl.load(row + (d ^ 1)[None, :], mask=valid & turn, other=0.0).to(tl.float32)
-    cos = tl.load(table_ptr + pos * HALF + d // 2).to(tl.float32)[None, :]
-    sin = tl.load(table_ptr + num_positions * HALF + pos * HALF + d // 2).to(tl.float32)[None, :]
-    # a' = a cos - b sin at 2i, b' = b cos + a sin at 2i + 1, each product and the sum
-    # rounded as torch rounds them (negating a rounded product is exact).
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
-    xc = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
-    ps = (partner * sin).to(dt).to(tl.float32)
-    y = tl.where(turn, (xc + sign * ps).to(dt), x)
+    y = tl.where(turn, _rotate_pairs(x, partner, table_ptr, pos, num_positions, d, HALF, dt), x)
     tl.store(row + d[None, :], y, mask=valid & turn)
     # The cache row of a token is [k heads | v heads] x D: the heads past q, in order.
     to = cache_ptr + slot * (2 * KVH * D) + (h[:, None] - H) * D + d[None, :]
@@ -556,7 +619,7 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tens
     grid = (T, triton.cdiv(heads + 2 * kv_heads, ROPE_HEADS))
     _rope_cache_kernel[grid](qkv, positions, slots, table, cache, qkv.stride(0), table.shape[1], H=heads,
                              KVH=kv_heads, D=head_dim, HEADS=ROPE_HEADS, FP8_CACHE=cache.dtype.itemsize == 1,
-                             num_warps=2, **_pdl_launch(T))
+                             num_warps=2, enable_fp_fusion=False, **_pdl_launch(T))
 
 
 # ---------------------------------------------------------------------------------------
@@ -567,20 +630,11 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tens
 # The split count is a run-time argument (not specialised): in mixed prefill + decode
 # steps it follows the longest context, and one compilation per value stalled serving
 # for up to seconds whenever a new context range came up.
-@triton.jit(do_not_specialize=["num_splits"])
-def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-                         stride_q, stride_out, stride_table, stride_block, qk_scale, window, num_splits,
-                         KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-                         F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, PDL: tl.constexpr):
-    _await_inputs(PDL)
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    H: tl.constexpr = KVH * GROUP
-    dt = q_ptr.dtype.element_ty  # the model dtype; an FP8 cache is widened to it
-    if F16_DOT:
-        dt = tl.float16
+@triton.jit
+def _split_tiles(ctx_ptr, seq, split, window, num_splits, TILE: tl.constexpr):
+    """Sequence seq's context length, first visible token, the [t_begin, t_end) tiles of
+    context split `split`, and how many splits hold tiles (at least 1: an empty context's
+    split 0 writes the zeros of a padding row)."""
     # A [1] block summed to a scalar: the interpreter (CPU tests) turns scalar loads into [1] arrays.
     ctx = tl.sum(tl.load(ctx_ptr + seq + tl.arange(0, 1)).to(tl.int32), axis=0)
     first = 0
@@ -588,72 +642,128 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_p
         first = tl.maximum(ctx - window, 0)
     first_tile = first // TILE
     num_tiles = tl.cdiv(ctx, TILE) - first_tile
-    per_split = tl.cdiv(num_tiles, num_splits)
+    per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    active = tl.maximum(tl.cdiv(num_tiles, per_split), 1)
     t_begin = first_tile + split * per_split
     t_end = tl.minimum(t_begin + per_split, first_tile + num_tiles)
-
-    g = tl.arange(0, GROUP_PAD)
-    g_mask = g < GROUP
-    d = tl.arange(0, D)
-    heads = kvh * GROUP + g
-    q = tl.load(q_ptr + seq * stride_q + heads[:, None] * D + d[None, :], mask=g_mask[:, None], other=0.0)
-    if F32_DOT:
-        q = q.to(tl.float32)
-    if F16_DOT:
-        q = q.to(tl.float16)
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    table_row = tables_ptr + seq * stride_table
-    TOKEN_STRIDE: tl.constexpr = 2 * KVH * D
-    for tile in range(t_begin, t_end):
-        tok = tile * TILE + tl.arange(0, TILE)
-        valid = (tok < ctx) & (tok >= first)
-        block = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        base = cache_ptr + block * stride_block + (tok % BLOCK_SIZE) * TOKEN_STRIDE + kvh * D
-        k = tl.load(base[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(dt)
-        v = tl.load(base[:, None] + KVH * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
-        if F32_DOT:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if F32_DOT:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(dt), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    if not SPLIT:
-        tl.store(out_ptr + seq * stride_out + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None])
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        idx = (seq * H + heads) * num_splits + split
-        tl.store(mid_o_ptr + idx[:, None] * D + d[None, :], o, mask=g_mask[:, None])
-        tl.store(mid_lse_ptr + idx, lse, mask=g_mask)
+    return ctx, first, t_begin, t_end, active
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_out, num_splits, H: tl.constexpr, D: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+                         pos_ptr, slot_ptr, rope_ptr, num_positions,
+                         stride_q, stride_out, stride_table, stride_block, qk_scale, window, num_splits,
+                         KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
+                         F32_DOT: tl.constexpr, F16_DOT: tl.constexpr, ROPE: tl.constexpr,
+                         FP8_CACHE: tl.constexpr, PDL: tl.constexpr):
+    # ROPE: q_ptr is the whole qkv row, not yet rotated, and the sequence's new K/V is not
+    # yet in the cache: each program rotates its query heads itself, and the program whose
+    # tiles hold the new token (the last) rotates its key head and writes it and the value
+    # into the cache before its loop reads them back (a CTA barrier orders the two). This is
+    # rope_and_cache's work for decode rows, in this kernel's launch instead of one of its
+    # own per layer. (Putting the new K/V into the loaded tile from registers instead took
+    # 70 KB of shared memory for the layout changes, against 39 KB.)
+    # Splits past the context's last tile (the graph's split count follows max_model_len)
+    # end at once, before the wait and without writing anything; the combine kernel reads
+    # only the splits that hold tiles. (A 7B batch-1 graph step at 256-token contexts,
+    # 4 of whose 9 splits a head hold a tile, took 29 us less with the split count capped
+    # at 4: docs/benchmarks.md.) The context lengths were written before the previous
+    # kernel started, so reading them before the wait is safe.
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx, first, t_begin, t_end, active = _split_tiles(ctx_ptr, seq, split, window, num_splits, TILE)
+    if split < active:
+        _await_inputs(PDL)
+        H: tl.constexpr = KVH * GROUP
+        HALF: tl.constexpr = D // 2
+        model_dt = q_ptr.dtype.element_ty
+        dt = model_dt  # the dots' dtype; an FP8 cache is widened to it
+        if F16_DOT:
+            dt = tl.float16
+        g = tl.arange(0, GROUP_PAD)
+        g_mask = g < GROUP
+        d = tl.arange(0, D)
+        heads = kvh * GROUP + g
+        q_row = q_ptr + seq * stride_q
+        q = tl.load(q_row + heads[:, None] * D + d[None, :], mask=g_mask[:, None], other=0.0)
+        if ROPE:
+            pos = tl.sum(tl.load(pos_ptr + seq + tl.arange(0, 1)), axis=0)
+            partner = tl.load(q_row + heads[:, None] * D + (d ^ 1)[None, :], mask=g_mask[:, None], other=0.0)
+            q = _rotate_pairs(q, partner.to(tl.float32), rope_ptr, pos, num_positions, d, HALF, model_dt)
+            k_row = q_row + (H + kvh) * D
+            k_new = tl.load(k_row + d[None, :])
+            k_new = _rotate_pairs(k_new, tl.load(k_row + (d ^ 1)[None, :]).to(tl.float32), rope_ptr, pos,
+                                  num_positions, d, HALF, model_dt)
+            k_new = _to_cache(k_new, cache_ptr, FP8_CACHE)  # [1, D], as the cache will hold it
+            v_new = _to_cache(tl.load(q_row + (H + KVH + kvh) * D + d[None, :]), cache_ptr, FP8_CACHE)
+            slot = tl.sum(tl.load(slot_ptr + seq + tl.arange(0, 1)), axis=0).to(tl.int64)
+            last_tile = (ctx - 1) // TILE  # the new token's
+            owner = (ctx > 0) & (last_tile >= t_begin) & (last_tile < t_end) & (slot >= 0)
+            to = cache_ptr + slot * (2 * KVH * D) + kvh * D + d[None, :]
+            store = (d[None, :] < D) & owner
+            tl.store(to, k_new, mask=store)
+            tl.store(to + KVH * D, v_new, mask=store)
+            tl.debug_barrier()  # the stores above are visible to every thread of the program below
+        if F32_DOT:
+            q = q.to(tl.float32)
+        if F16_DOT:
+            q = q.to(tl.float16)
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        table_row = tables_ptr + seq * stride_table
+        TOKEN_STRIDE: tl.constexpr = 2 * KVH * D
+        for tile in range(t_begin, t_end):
+            tok = tile * TILE + tl.arange(0, TILE)
+            valid = (tok < ctx) & (tok >= first)
+            block = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            base = cache_ptr + block * stride_block + (tok % BLOCK_SIZE) * TOKEN_STRIDE + kvh * D
+            k = tl.load(base[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(dt)
+            v = tl.load(base[:, None] + KVH * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
+            if F32_DOT:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if F32_DOT:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        if not SPLIT:
+            tl.store(out_ptr + seq * stride_out + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=g_mask[:, None])
+        else:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            idx = (seq * H + heads) * num_splits + split
+            tl.store(mid_o_ptr + idx[:, None] * D + d[None, :], o, mask=g_mask[:, None])
+            tl.store(mid_lse_ptr + idx, lse, mask=g_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _combine_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, ctx_ptr, stride_out, window, num_splits, H: tl.constexpr,
+                    D: tl.constexpr, TILE: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
     _await_inputs(PDL)
     seq = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D)
     base = (seq * H + h) * num_splits
-    lse = tl.load(mid_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
+    active = _split_tiles(ctx_ptr, seq, 0, window, num_splits, TILE)[4]  # the splits that wrote
+    lse = tl.load(mid_lse_ptr + base + s, mask=s < active, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp2(lse - mx)
-    o = tl.load(mid_o_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
+    o = tl.load(mid_o_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < active)[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     total = tl.where(total > 0, total, 1.0)
     res = tl.sum(w[:, None] * o, axis=0) / total
@@ -678,11 +788,16 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
                            heads: int, kv_heads: int, head_dim: int, scale: float, splits: int = 1,
-                           window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           window: int | None = None, out: torch.Tensor | None = None,
+                           rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q: [B, >= heads * head_dim] (row stride free, e.g. the q part of the fused qkv);
     cache: one layer [blocks, block_size, 2 * kv_heads, head_dim]; tables [B, max_blocks];
     context_lens [B] (0: the row is padding and gets zeros). Returns [B, heads * head_dim].
-    The cache may be FP8 (e4m3) under a bf16 or fp16 q: keys and values are widened as read."""
+    The cache may be FP8 (e4m3) under a bf16 or fp16 q: keys and values are widened as read.
+
+    rope (positions [B], slots [B], table as rope_and_cache's): q is the whole qkv row before
+    rope_and_cache, which this call then does too (qkv itself is left as it was): the same
+    attention output and cache contents as rope_and_cache followed by this call without it."""
     B = q.shape[0]
     if out is None:
         out = torch.empty(B, heads * head_dim, dtype=q.dtype, device=q.device)
@@ -705,16 +820,19 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
         mid_lse = torch.empty(B * heads * splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out
+    positions, slots, table = rope if rope is not None else (context_lens, context_lens, q)
     _paged_decode_kernel[(B, kv_heads, splits)](
-        q, cache, tables, context_lens, out, mid_o, mid_lse,
+        q, cache, tables, context_lens, out, mid_o, mid_lse, positions, slots, table,
+        table.shape[1] if rope is not None else 0,
         q.stride(0), out.stride(0), tables.stride(0), cache.stride(0), scale * LOG2E, window or 0, splits,
         KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_SIZE=block_size,
-        TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, num_warps=warps, num_stages=stages,
+        TILE=tile, SPLIT=splits > 1, F32_DOT=f32, F16_DOT=fp8, ROPE=rope is not None,
+        FP8_CACHE=cache.dtype.itemsize == 1, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
         **_pdl_launch(B),
     )
     if splits > 1:
-        _combine_kernel[(B, heads)](mid_o, mid_lse, out, out.stride(0), splits, H=heads, D=head_dim,
-                                    SPLITS_PAD=_next_pow2(MAX_SPLITS), **_pdl_launch(B))
+        _combine_kernel[(B, heads)](mid_o, mid_lse, out, context_lens, out.stride(0), window or 0, splits, H=heads,
+                                    D=head_dim, TILE=tile, SPLITS_PAD=_next_pow2(MAX_SPLITS), **_pdl_launch(B))
     return out
 
 
@@ -797,7 +915,10 @@ def fill_decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.
     s_ids, s_pos, s_slots, s_ctx, s_tables = static
     assert width <= s_tables.shape[1] and n <= s_ids.shape[0] and tables.stride(1) == 1
     if n:
-        block = max(16, _next_pow2(width))  # a few compiled variants: one per power of two
+        # One tile as wide as the static table: one compiled variant, rather than one per
+        # power of two of the step's width (each a Triton compilation in the middle of
+        # serving, the first time contexts grow past it).
+        block = max(16, _next_pow2(s_tables.shape[1]))
         _decode_inputs_kernel[(n,)](ids, positions, slots, context_lens, tables, tables.stride(0), width,
                                     s_ids, s_pos, s_slots, s_ctx, s_tables, s_tables.stride(0), BLOCK=block,
                                     num_warps=4 if block >= 2048 else 1)
