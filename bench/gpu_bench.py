@@ -1018,7 +1018,7 @@ def profile_steps(engine, prompts, new_tokens, max_model_len):
 
 
 @section("ours")
-def bench_ours(engine, label, batch, new_tokens=256, prompt_len=128, max_model_len=4096, repeats=2):
+def bench_ours(engine, label, batch, new_tokens=256, prompt_len=128, max_model_len=4096, repeats=3):
     # Fresh prompts for every run: a repeated prompt would be served from the prefix cache.
     seed = 100 * batch
     run_offline(engine, prompts_for(batch, prompt_len, 32000, seed=seed), 8, max_model_len)  # warm-up

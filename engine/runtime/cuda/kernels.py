@@ -889,7 +889,12 @@ def greedy_with_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The step's inputs are views into one packed host-to-device copy (build_forward_batch),
+# so their addresses' 16-byte alignment and the table's width and stride change from step
+# to step; Triton specializes a kernel on each, and each new combination was a compilation
+# in the middle of decoding (66 and 52 ms steps of a 7B batch-1 run, where the table grew
+# to 10 and to 16 blocks). Not specialized on them: one compiled variant.
+@triton.jit(do_not_specialize=["ids_ptr", "pos_ptr", "slots_ptr", "ctx_ptr", "tables_ptr", "stride_table", "width"])
 def _decode_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, ctx_ptr, tables_ptr, stride_table, width,
                           s_ids_ptr, s_pos_ptr, s_slots_ptr, s_ctx_ptr, s_tables_ptr, stride_s_table,
                           BLOCK: tl.constexpr):
