@@ -595,6 +595,34 @@ def tune_in_model(runtime, label):
     RESULTS[f"in_model_b1_{label}"] = [(round(t * 1e3), c) for t, c in timed]
 
 
+def _alternate_steps(runtime, variants: dict, rows_list, rounds: int = 3, check_logits: bool = True):
+    """Each variant (name -> a function that switches it on) in turn, `rounds` times over:
+    the GPU times (ms) of captured decode steps at each row count, {(name, rows): [ms, ...]};
+    then, with check_logits, whether the logits of a prefill and 32 greedy decode steps were
+    equal bit for bit under every variant (else None). The caller puts its settings back."""
+    timed: dict = {(name, rows): [] for name in variants for rows in rows_list}
+    for _ in range(rounds):
+        for name, switch_on in variants.items():
+            switch_on()
+            runtime.drop_graphs()
+            for rows in rows_list:
+                timed[(name, rows)].append(_graph_step_ms(runtime, rows, rep=100))
+    same = None
+    if check_logits:
+        prompt = prompts_for(1, 128, 32000, seed=6)[0]
+        logits = []
+        for switch_on in variants.values():
+            switch_on()
+            runtime.drop_graphs()
+            logits.append(greedy_logits(runtime, prompt, 32)[1])
+        same = all(torch.equal(x, logits[0]) for x in logits)
+    return timed, same
+
+
+def _median_us(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 @section("programmatic dependent launch: on against off")
 def pdl_compare(runtime, label, rows_list=(1, 2, 4)):
     """Captured decode steps with the Triton kernels launched under PDL (at every row count
@@ -605,24 +633,12 @@ def pdl_compare(runtime, label, rows_list=(1, 2, 4)):
 
     policy = kernels.PDL_MAX_ROWS
     kernels.PDL_MAX_ROWS = max(rows_list)
-    timed: dict = {(flag, rows): [] for flag in (False, True) for rows in rows_list}
-    for _ in range(3):
-        for flag in (False, True):
-            kernels.PDL = flag
-            runtime.drop_graphs()
-            for rows in rows_list:
-                timed[(flag, rows)].append(_graph_step_ms(runtime, rows, rep=100))
-    prompt = prompts_for(1, 128, 32000, seed=6)[0]
-    logits = {}
-    for flag in (False, True):
-        kernels.PDL = flag
-        runtime.drop_graphs()
-        logits[flag] = greedy_logits(runtime, prompt, 32)[1]
+    variants = {flag: (lambda flag=flag: setattr(kernels, "PDL", flag)) for flag in (False, True)}
+    timed, same = _alternate_steps(runtime, variants, rows_list)
     kernels.PDL, kernels.PDL_MAX_ROWS = True, policy
     runtime.drop_graphs()
-    same = torch.equal(logits[False], logits[True])
     for rows in rows_list:
-        off, on = (sorted(timed[(f, rows)])[1] * 1e3 for f in (False, True))
+        off, on = (_median_us(timed[(f, rows)]) for f in (False, True))
         say(f"{label}: batch {rows}: {off:.0f} us per step without PDL, {on:.0f} us with ({on / off:.3f})")
         RESULTS[f"pdl_{label}_b{rows}_us"] = {"off": round(off, 1), "on": round(on, 1)}
     say(f"{label}: logits with PDL == logits without, bit for bit (prefill + 32 decode steps): {same}")
@@ -645,31 +661,23 @@ def attention_compare(runtime, label, rows_list=(1, 2, 32)):
 
     model = runtime.model
     shipped_rows = model.rope_in_attention_rows
-    timed: dict = {(fused, rows): [] for fused in (False, True) for rows in rows_list}
-    for _ in range(3):
-        for fused in (False, True):
-            model.rope_in_attention_rows = max(rows_list) if fused else 0
-            runtime.drop_graphs()
-            for rows in rows_list:
-                timed[(fused, rows)].append(_graph_step_ms(runtime, rows, rep=100))
+    variants = {fused: (lambda fused=fused: setattr(model, "rope_in_attention_rows", max(rows_list) if fused else 0))
+                for fused in (False, True)}
+    timed, _ = _alternate_steps(runtime, variants, rows_list, check_logits=False)
     model.rope_in_attention_rows = shipped_rows
     for rows in rows_list:
-        apart, inside = (sorted(timed[(f, rows)])[1] * 1e3 for f in (False, True))
+        apart, inside = (_median_us(timed[(f, rows)]) for f in (False, True))
         say(f"{label}: batch {rows}: {apart:.0f} us per step with rope apart, {inside:.0f} us inside the attention "
             f"({inside / apart:.3f})")
         RESULTS[f"rope_{label}_b{rows}_us"] = {"apart": round(apart, 1), "inside": round(inside, 1)}
     shipped = kernels.MAX_SPLITS
-    by_cap = {}
-    for _ in range(2):
-        for cap in (1, 2, 4, shipped):
-            kernels.MAX_SPLITS = cap
-            runtime.drop_graphs()
-            by_cap.setdefault(cap, []).append(_graph_step_ms(runtime, 1, rep=100))
+    caps = {cap: (lambda cap=cap: setattr(kernels, "MAX_SPLITS", cap)) for cap in (1, 2, 4, shipped)}
+    by_cap, _ = _alternate_steps(runtime, caps, (1,), rounds=2, check_logits=False)
     kernels.MAX_SPLITS = shipped
     runtime.drop_graphs()
     say(f"{label}: batch-1 step (us) by the cap on context splits (the graph's: {runtime._splits(1)} at the cap "
-        f"{shipped}): " + ", ".join(f"{cap} {min(t) * 1e3:.0f}" for cap, t in by_cap.items()))
-    RESULTS[f"splits_{label}_b1_us"] = {cap: round(min(t) * 1e3, 1) for cap, t in by_cap.items()}
+        f"{shipped}): " + ", ".join(f"{cap} {min(by_cap[(cap, 1)]) * 1e3:.0f}" for cap in caps))
+    RESULTS[f"splits_{label}_b1_us"] = {cap: round(min(by_cap[(cap, 1)]) * 1e3, 1) for cap in caps}
 
 
 @section("PDL: the next kernel's launch before or after the wait; weight tiles loaded before it")
@@ -681,32 +689,25 @@ def launch_compare(runtime, label, rows_list=(1, 2)):
     logits of a prefill and 32 greedy steps under each, which must be equal bit for bit."""
     from engine.runtime.cuda import kernels
 
+    def setting(trigger_rows, preload_rows):
+        def switch_on():
+            kernels.PDL_EARLY_TRIGGER_MAX_ROWS = trigger_rows
+            kernels.GEMV_PRELOAD_2_MAX_ROWS = {1: preload_rows, 2: preload_rows}
+        return switch_on
+
     top = max(rows_list)
-    variants = {"after the wait, 1 tile": (0, {1: 0, 2: 0}), "before the wait, 1 tile": (top, {1: 0, 2: 0}),
-                "before the wait, 2 tiles": (top, {1: top, 2: top})}
+    variants = {"after the wait, 1 tile": setting(0, 0), "before the wait, 1 tile": setting(top, 0),
+                "before the wait, 2 tiles": setting(top, top)}
     shipped = kernels.PDL_EARLY_TRIGGER_MAX_ROWS, dict(kernels.GEMV_PRELOAD_2_MAX_ROWS)
-    timed: dict = {(v, rows): [] for v in variants for rows in rows_list}
-    for _ in range(3):
-        for v, setting in variants.items():
-            kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = setting
-            runtime.drop_graphs()
-            for rows in rows_list:
-                timed[(v, rows)].append(_graph_step_ms(runtime, rows, rep=100))
-    prompt = prompts_for(1, 128, 32000, seed=6)[0]
-    logits = {}
-    for v, setting in variants.items():
-        kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = setting
-        runtime.drop_graphs()
-        logits[v] = greedy_logits(runtime, prompt, 32)[1]
+    timed, same = _alternate_steps(runtime, variants, rows_list)
     kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = shipped
     runtime.drop_graphs()
     first = next(iter(variants))
-    same = all(torch.equal(logits[v], logits[first]) for v in variants)
     for rows in rows_list:
-        base = sorted(timed[(first, rows)])[1]
+        base = _median_us(timed[(first, rows)])
         say(f"{label}: batch {rows} step (us): " + ", ".join(
-            f"{v} {sorted(timed[(v, rows)])[1] * 1e3:.0f} ({sorted(timed[(v, rows)])[1] / base:.3f})" for v in variants))
-        RESULTS[f"launch_{label}_b{rows}_us"] = {v: round(sorted(timed[(v, rows)])[1] * 1e3, 1) for v in variants}
+            f"{v} {_median_us(timed[(v, rows)]):.0f} ({_median_us(timed[(v, rows)]) / base:.3f})" for v in variants))
+        RESULTS[f"launch_{label}_b{rows}_us"] = {v: round(_median_us(timed[(v, rows)]), 1) for v in variants}
     say(f"{label}: logits equal bit for bit under all three (prefill + 32 decode steps): {same}")
     RESULTS[f"launch_{label}_same_logits"] = same
 

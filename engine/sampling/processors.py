@@ -219,7 +219,7 @@ def apply_warpers(scores: torch.Tensor, params: Sequence[SamplingParams], min_to
 def may_change_scores(params: Sequence[SamplingParams], num_generated: Sequence[int]) -> bool:
     """False when process_logits would hand back its input unchanged (the same tensor)
     whatever the tokens: no row samples, penalizes repeats, bans n-grams, or still waits
-    for its min_new_tokens."""
+    for its min_new_tokens (each processor returns its input when it has nothing to do)."""
     return any(p.do_sample or p.repetition_penalty != 1.0 or p.no_repeat_ngram_size > 0 or p.min_new_tokens > n
                for p, n in zip(params, num_generated))
 
@@ -235,7 +235,5 @@ def process_logits(
 
     token_ids: each row's prompt + generated tokens (transformers' input_ids);
     num_generated: how many of those were generated (for min_new_tokens)."""
-    if not may_change_scores(params, num_generated):
-        return scores
     scores = apply_penalties(scores, params, token_ids, num_generated)
     return apply_warpers(scores, params, min_tokens_to_keep)

@@ -95,12 +95,13 @@ class Sampler:
         sampling = [i for i, p in enumerate(params) if p.do_sample]
         k = min(max((p.logprobs or 0) for p in params), logits.shape[1]) if params else 0
         fused = _FUSED_GREEDY and logits.is_cuda and not sampling and k == 0
+        generated = [r.num_generated for r in rows]
         processed = None
-        if not (fused and not may_change_scores(params, [r.num_generated for r in rows])):
+        if not fused or may_change_scores(params, generated):
             # transformers widens the logits to float32 before its processors; the fused
             # greedy kernel widens each element as it reads it (same values, no copy).
             logits = logits.float()
-            processed = process_logits(logits, params, [r.token_ids for r in rows], [r.num_generated for r in rows])
+            processed = process_logits(logits, params, [r.token_ids for r in rows], generated)
         if fused and (processed is None or processed is logits):
             # Plain greedy rows: argmax and the chosen logprob in one kernel (the usual
             # offline batch; see greedy_with_logprob).

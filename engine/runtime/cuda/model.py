@@ -186,17 +186,15 @@ class CudaLlama:
         h = F.embedding(input_ids, self.embed)
         flash = self._flash_prefill(prefill, kv_caches[0].shape[1])
         branch = None  # a residual branch not yet added into h (see residual_linear)
+        # A few decode rows only: the attention kernel does rope_and_cache's work too.
+        fused_rope = not prefill and input_ids.shape[0] <= self.rope_in_attention_rows
+        rope = (positions, slot_mapping, self.rope_table) if fused_rope else None
         for layer, cache in zip(self.layers, kv_caches):
             qkv = self.linear(h, layer.qkv, norm=layer.input_norm, bias=layer.qkv_bias, add=branch)
-            if prefill or qkv.shape[0] > self.rope_in_attention_rows:
+            if not fused_rope:
                 rope_and_cache(qkv, positions, slot_mapping, self.rope_table, cache, self.heads, self.kv_heads,
                                self.head_dim)
-                attn = self._attention(qkv, cache, decode, num_decodes, prefill, flash)
-            else:  # decode rows only: the attention kernel does rope_and_cache's work too
-                attn = paged_decode_attention(qkv, cache, decode.tables, decode.context_lens, self.heads,
-                                              self.kv_heads, self.head_dim, self.scale, decode.splits,
-                                              self.spec.sliding_window,
-                                              rope=(positions, slot_mapping, self.rope_table))
+            attn = self._attention(qkv, cache, decode, num_decodes, prefill, flash, rope)
             branch = self.residual_linear(attn, layer.o, h, bias=layer.o_bias)
             gate_up = self.linear(h, layer.gate_up, norm=layer.post_norm, bias=layer.gate_up_bias, add=branch)
             branch = self.residual_linear(gate_up, layer.down, h, act=True, bias=layer.down_bias)
@@ -221,12 +219,14 @@ class CudaLlama:
         return prefill_inputs(prefill, block_size, self.device)
 
     def _attention(self, qkv: torch.Tensor, cache: torch.Tensor, decode: DecodeInputs | None, n: int,
-                   prefill: list, flash: PrefillInputs | None) -> torch.Tensor:
+                   prefill: list, flash: PrefillInputs | None, rope: tuple | None = None) -> torch.Tensor:
+        """rope (decode-only steps): paged_decode_attention's, for q and K/V not yet rotated
+        nor written to the cache."""
         H, D = self.heads, self.head_dim
         window = self.spec.sliding_window
         if not prefill:
             return paged_decode_attention(qkv, cache, decode.tables, decode.context_lens, H, self.kv_heads, D,
-                                          self.scale, decode.splits, window)
+                                          self.scale, decode.splits, window, rope=rope)
         out = qkv.new_empty(qkv.shape[0], H * D)
         if n:
             paged_decode_attention(qkv[:n], cache, decode.tables, decode.context_lens, H, self.kv_heads, D,
