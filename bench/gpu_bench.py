@@ -680,6 +680,37 @@ def attention_compare(runtime, label, rows_list=(1, 2, 32)):
     RESULTS[f"splits_{label}_b1_us"] = {cap: round(min(by_cap[(cap, 1)]) * 1e3, 1) for cap in caps}
 
 
+@section("decode: first K/V tile before the wait; the GEMV's 1 / rms after its sum")
+def order_compare(runtime, label, rows_list=(1, 2)):
+    """Captured decode steps, alternately (three rounds, medians): the attention reading its
+    first K/V tile after its wait for the kernel before or before it (and the newest token
+    apart, kernels.EARLY_KV_MAX_ROWS); with that, the one- and two-row GEMV's fused RMSNorm
+    applying 1 / rms to the row first or to the sum (kernels.GEMV_LATE_RSTD, for this
+    runtime's weight width). The code's own setting is one of the three."""
+    from engine.runtime.cuda import kernels
+
+    width = 1 if runtime.fp8_enabled else 2
+    shipped = kernels.EARLY_KV_MAX_ROWS, dict(kernels.GEMV_LATE_RSTD)
+
+    def setting(early, late):
+        def switch_on():
+            kernels.EARLY_KV_MAX_ROWS = max(rows_list) if early else 0
+            kernels.GEMV_LATE_RSTD = {**shipped[1], width: late}
+        return switch_on
+
+    variants = {"after the wait": setting(False, False), "before the wait": setting(True, False),
+                "before the wait, 1/rms after the sum": setting(True, True)}
+    timed, _ = _alternate_steps(runtime, variants, rows_list, check_logits=False)
+    kernels.EARLY_KV_MAX_ROWS, kernels.GEMV_LATE_RSTD = shipped
+    runtime.drop_graphs()
+    first = next(iter(variants))
+    for rows in rows_list:
+        base = _median_us(timed[(first, rows)])
+        say(f"{label}: batch {rows} step (us): " + ", ".join(
+            f"{v} {_median_us(timed[(v, rows)]):.0f} ({_median_us(timed[(v, rows)]) / base:.3f})" for v in variants))
+        RESULTS[f"order_{label}_b{rows}_us"] = {v: round(_median_us(timed[(v, rows)]), 1) for v in variants}
+
+
 @section("PDL: the next kernel's launch before or after the wait; weight tiles loaded before it")
 def launch_compare(runtime, label, rows_list=(1, 2)):
     """Captured decode steps under three launch settings, alternately (three rounds,
@@ -1177,9 +1208,9 @@ def phase_clock(engine):
 
 
 def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_num_seqs=256, batched_tokens=4096,
-                  kv8=False, fast_accum=True, fuse_rope=True):
+                  kv8=False, fast_accum=True, fuse_rope=True, default_gc=False):
     label = (f"{'fp8' if fp8 else 'bf16'}{'_kv8' if kv8 else ''}{'' if fast_accum else '_nofa'}"
-             f"{'' if fuse_rope else '_rope_apart'}_seqs{max_num_seqs}"
+             f"{'' if fuse_rope else '_rope_apart'}{'_default_gc' if default_gc else ''}_seqs{max_num_seqs}"
              + (f"_tokens{batched_tokens}" if batched_tokens != 4096 else ""))
     free_memory()
     spec = spec_for(LLAMA3_8B)
@@ -1191,7 +1222,11 @@ def bench_offline(requests: int, new_tokens=128, prompt_len=128, fp8=False, max_
         runtime.model.rope_in_attention_rows = 0
     free_memory()
     free_before = torch.cuda.mem_get_info()[0]
-    engine, blocks = make_engine(runtime, config, max_model_len, max_num_batched_tokens=batched_tokens)
+    if default_gc:  # the interpreter's own thresholds (an engine made before raised them)
+        gc.set_threshold(700, 10, 10)
+    engine, blocks = make_engine(runtime, config, max_model_len, max_num_batched_tokens=batched_tokens,
+                                 gc_threshold=None if default_gc else config.gc_threshold)
+    say(f"{label}: Python's garbage-collection thresholds {gc.get_threshold()}")
     per_block = runtime.kv_cache_bytes_per_block(config.block_size)
     say(f"{label}: weights {runtime.model.weight_bytes() / 1e9:.2f} GB; {runtime.kv_pool_report}")
     RESULTS[f"kv_pool_8b_{label}"] = {"blocks": blocks, "gib": blocks * per_block / 2**30,
@@ -1269,13 +1304,15 @@ def summary():
 def offline_configs(text: str) -> list[dict]:
     """"bf16:256,fp8+kv8:512:8192" -> bench_offline keywords: weights (bf16 or fp8, "+kv8"
     for an FP8 KV cache, "-fa" for _scaled_mm without fast accumulation, "-nr" for rope in
-    its own kernel in decode steps too), max_num_seqs, max_num_batched_tokens (default 4096)."""
+    its own kernel in decode steps too, "-gc" for Python's default garbage-collection
+    thresholds instead of EngineConfig.gc_threshold), max_num_seqs, max_num_batched_tokens
+    (default 4096)."""
     configs = []
     for item in text.split(","):
         weights, seqs, *tokens = item.split(":")
         configs.append({"fp8": weights.startswith("fp8"), "kv8": "+kv8" in weights, "max_num_seqs": int(seqs),
                         "batched_tokens": int(tokens[0]) if tokens else 4096, "fast_accum": "-fa" not in weights,
-                        "fuse_rope": "-nr" not in weights})
+                        "fuse_rope": "-nr" not in weights, "default_gc": "-gc" in weights})
     return configs
 
 
@@ -1326,6 +1363,7 @@ def main():
         check_graphs(runtime)
         pdl_compare(runtime, "bf16")
         attention_compare(runtime, "bf16")
+        order_compare(runtime, "bf16")
         launch_compare(runtime, "bf16")
         tune_in_model(runtime, "bf16")
         tune_small_batches(runtime, "bf16")
@@ -1338,6 +1376,7 @@ def main():
         check_fp8(runtime, runtime8)
         pdl_compare(runtime8, "fp8")
         attention_compare(runtime8, "fp8")
+        order_compare(runtime8, "fp8")
         launch_compare(runtime8, "fp8")
         tune_in_model(runtime8, "fp8")
         tune_small_batches(runtime8, "fp8")

@@ -50,6 +50,12 @@ class EngineConfig:
     # Seconds without a finished step, while work is pending, before the watchdog
     # declares the engine stuck.
     watchdog_timeout_s: float = 120.0
+    # Python's generation-0 garbage-collection threshold, raised to at least this when an
+    # engine starts (the setting is the process's); None leaves it alone. A step at 512
+    # sequences allocates about 9,000 container objects, nearly all freed by reference
+    # counting within the step: at the interpreter's default of 700 that ran 12 collections
+    # a step, 16% of the host's time per step (bench/host_bench.py, docs/benchmarks.md).
+    gc_threshold: int | None = 10_000
     # Ranks (devices of one host) the model is split over by heads and MLP columns; 1: no
     # split. See engine/parallel/sharding.py for what must divide by it.
     tensor_parallel_size: int = 1

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 
@@ -36,6 +37,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.steps_total = 0
         self._inflight: _LaunchedStep | None = None  # launched, samples not read back yet
+        raise_gc_threshold(config.gc_threshold)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if not params.do_sample or params.use_beam_search:
@@ -163,6 +165,15 @@ class LLMEngine:
             if output.finished:
                 del self.requests[output.request_id]
             request.sink(output)
+
+
+def raise_gc_threshold(gen0: int | None) -> None:
+    """Raise the interpreter's generation-0 collection threshold to gen0 (never lower it;
+    the older generations' thresholds stay)."""
+    current = gc.get_threshold()
+    if gen0 is not None and gen0 > current[0]:
+        gc.set_threshold(gen0, *current[1:])
+        logger.info("garbage-collection threshold (generation 0) raised from %d to %d", current[0], gen0)
 
 
 def _needs_host_tokens(request: Request) -> bool:

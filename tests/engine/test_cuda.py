@@ -87,6 +87,29 @@ def test_gemv_fp8_equals_dequantized_weights():
         assert rel(y, F.linear(x.float(), q.dequantize(torch.float32))) < bf16_tol()
 
 
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gemv_norm_with_rstd_first_or_after_the_sum(monkeypatch, late, rows):
+    """The FMA GEMV's fused RMSNorm either way (kernels.GEMV_LATE_RSTD): 1 / rms applied to the
+    row first, rounded as torch rounds, or factored out and applied to the sum; both within
+    bf16's tolerance of torch, for bf16 and FP8 weights."""
+    from engine.runtime.cuda import kernels
+    from engine.runtime.cuda.fp8 import quantize_rows
+
+    monkeypatch.setattr(kernels, "GEMV_LATE_RSTD", {1: late, 2: late})
+    g = torch.Generator(device="cpu").manual_seed(rows + 2 * late)
+    N, K = 72, 320
+    x = (torch.randn(rows, K, generator=g) * 4).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(DEVICE, torch.bfloat16)
+    nw = (torch.rand(K, generator=g) + 0.5).to(DEVICE, torch.bfloat16)
+    normed = ref_rms_norm(x, nw, 1e-5)
+    for cfg in (("fma", 8, 64, 4), ("fma", 4, 128, 4, 3)):
+        assert rel(kernels.gemv(x, w, norm=nw, eps=1e-5, config=cfg), F.linear(normed, w)) < bf16_tol()
+        q = quantize_rows(w)
+        y = kernels.gemv(x, q.q, scale=q.scale, norm=nw, eps=1e-5, config=cfg)
+        assert rel(y, F.linear(normed.float(), q.dequantize(torch.float32))) < bf16_tol()
+
+
 @cuda_only
 @pytest.mark.parametrize("m,rows", [(5, 16), (16, 16), (33, 48)])
 def test_fused_activation_quantization_equals_the_torch_reference(m, rows):
@@ -277,7 +300,8 @@ def ref_decode_attention(q, cache, tables, ctx, H, KVH, D, scale, window=None):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("splits", [1, 3, 16])  # 16: more splits than most contexts have tiles
 @pytest.mark.parametrize("window", [None, 9])
-def test_paged_decode_attention(heads, kv_heads, splits, window):
+@pytest.mark.parametrize("early_kv", [False, True])  # True: the newest token apart from the tiles
+def test_paged_decode_attention(heads, kv_heads, splits, window, early_kv):
     from engine.runtime.cuda.kernels import paged_decode_attention
 
     g = torch.Generator().manual_seed(heads + splits)
@@ -288,7 +312,7 @@ def test_paged_decode_attention(heads, kv_heads, splits, window):
     q = torch.randn(4, (heads + 2 * kv_heads) * D, generator=g).to(torch.bfloat16)
     out = torch.full((4, heads * D), float("nan"), device=DEVICE)
     paged_decode_attention(q.to(DEVICE), cache.to(DEVICE), tables.to(DEVICE), ctx.to(DEVICE), heads, kv_heads, D,
-                           D**-0.5, splits, window, out=out)
+                           D**-0.5, splits, window, out=out, early_kv=early_kv)
     expected = ref_decode_attention(q, cache, tables, ctx, heads, kv_heads, D, D**-0.5, window)
     # float32 output; bf16 probabilities in the P @ V product on the GPU.
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-2 if HAS_CUDA else 1e-5, rtol=0)
@@ -299,9 +323,12 @@ def test_paged_decode_attention(heads, kv_heads, splits, window):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("cache_dtype", ["model", "fp8"])
-def test_decode_attention_with_rope_equals_rope_then_attention(heads, kv_heads, splits, window, cache_dtype):
+@pytest.mark.parametrize("early_kv", [False, True])
+def test_decode_attention_with_rope_equals_rope_then_attention(heads, kv_heads, splits, window, cache_dtype,
+                                                               early_kv):
     """The fused decode path (rope and the K/V write inside the attention kernel) gives the
-    same output and the same cache, bit for bit, as rope_and_cache followed by the kernel."""
+    same output and the same cache, bit for bit, as rope_and_cache followed by the kernel
+    (with the newest token attended to apart or in its tile, either way on both sides)."""
     from engine.runtime.cuda.kernels import paged_decode_attention, rope_and_cache
 
     if cache_dtype == "fp8" and not fp8_capable():
@@ -325,10 +352,11 @@ def test_decode_attention_with_rope_equals_rope_then_attention(heads, kv_heads, 
 
     apart_qkv, apart_cache = qkv.clone(), cache.clone()
     rope_and_cache(apart_qkv, positions.to(DEVICE), slots.to(DEVICE), table, apart_cache, heads, kv_heads, D)
-    expected = paged_decode_attention(apart_qkv, apart_cache, *args)
+    expected = paged_decode_attention(apart_qkv, apart_cache, *args, early_kv=early_kv)
 
     fused_qkv, fused_cache = qkv.clone(), cache.clone()
-    out = paged_decode_attention(fused_qkv, fused_cache, *args, rope=(positions.to(DEVICE), slots.to(DEVICE), table))
+    out = paged_decode_attention(fused_qkv, fused_cache, *args, rope=(positions.to(DEVICE), slots.to(DEVICE), table),
+                                 early_kv=early_kv)
     assert torch.equal(out, expected)
     assert torch.equal(fused_cache.view(torch.uint8), apart_cache.view(torch.uint8))
     assert not torch.equal(fused_cache.view(torch.uint8), cache.view(torch.uint8))  # the new K/V went in

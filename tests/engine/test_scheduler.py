@@ -292,3 +292,23 @@ def test_beam_search_through_the_paged_cache(tokenizer, num_beams, nrs):
         assert [list(s.token_ids) for s in final.sequences] == [tokens for tokens, _ in expected]
         assert [s.cumulative_logprob for s in final.sequences] == pytest.approx([score for _, score in expected])
     assert_all_blocks_free(engine)
+
+
+def test_engine_raises_the_gc_threshold_and_never_lowers_it(tokenizer):
+    """EngineConfig.gc_threshold: an engine raises generation 0's threshold to it (the older
+    generations' stay), leaves a higher one alone, and None changes nothing."""
+    import gc
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        make_engine(tokenizer, gc_threshold=10_000)
+        assert gc.get_threshold() == (10_000, 11, 12)
+        gc.set_threshold(50_000, 11, 12)
+        make_engine(tokenizer, gc_threshold=10_000)
+        assert gc.get_threshold() == (50_000, 11, 12)
+        gc.set_threshold(700, 11, 12)
+        make_engine(tokenizer, gc_threshold=None)
+        assert gc.get_threshold() == (700, 11, 12)
+    finally:
+        gc.set_threshold(*saved)
