@@ -623,6 +623,17 @@ def _median_us(times: list[float]) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def _say_variant_steps(key: str, label: str, timed: dict, variants: dict, rows_list) -> None:
+    """_alternate_steps' medians per row count, each against the first variant's, said and
+    kept in RESULTS[f"{key}_b{rows}_us"]."""
+    first = next(iter(variants))
+    for rows in rows_list:
+        medians = {v: _median_us(timed[(v, rows)]) for v in variants}
+        say(f"{label}: batch {rows} step (us): "
+            + ", ".join(f"{v} {us:.0f} ({us / medians[first]:.3f})" for v, us in medians.items()))
+        RESULTS[f"{key}_b{rows}_us"] = {v: round(us, 1) for v, us in medians.items()}
+
+
 @section("programmatic dependent launch: on against off")
 def pdl_compare(runtime, label, rows_list=(1, 2, 4)):
     """Captured decode steps with the Triton kernels launched under PDL (at every row count
@@ -703,12 +714,7 @@ def order_compare(runtime, label, rows_list=(1, 2)):
     timed, _ = _alternate_steps(runtime, variants, rows_list, check_logits=False)
     kernels.EARLY_KV_MAX_ROWS, kernels.GEMV_LATE_RSTD = shipped
     runtime.drop_graphs()
-    first = next(iter(variants))
-    for rows in rows_list:
-        base = _median_us(timed[(first, rows)])
-        say(f"{label}: batch {rows} step (us): " + ", ".join(
-            f"{v} {_median_us(timed[(v, rows)]):.0f} ({_median_us(timed[(v, rows)]) / base:.3f})" for v in variants))
-        RESULTS[f"order_{label}_b{rows}_us"] = {v: round(_median_us(timed[(v, rows)]), 1) for v in variants}
+    _say_variant_steps(f"order_{label}", label, timed, variants, rows_list)
 
 
 @section("PDL: the next kernel's launch before or after the wait; weight tiles loaded before it")
@@ -733,12 +739,7 @@ def launch_compare(runtime, label, rows_list=(1, 2)):
     timed, same = _alternate_steps(runtime, variants, rows_list)
     kernels.PDL_EARLY_TRIGGER_MAX_ROWS, kernels.GEMV_PRELOAD_2_MAX_ROWS = shipped
     runtime.drop_graphs()
-    first = next(iter(variants))
-    for rows in rows_list:
-        base = _median_us(timed[(first, rows)])
-        say(f"{label}: batch {rows} step (us): " + ", ".join(
-            f"{v} {_median_us(timed[(v, rows)]):.0f} ({_median_us(timed[(v, rows)]) / base:.3f})" for v in variants))
-        RESULTS[f"launch_{label}_b{rows}_us"] = {v: round(_median_us(timed[(v, rows)]), 1) for v in variants}
+    _say_variant_steps(f"launch_{label}", label, timed, variants, rows_list)
     say(f"{label}: logits equal bit for bit under all three (prefill + 32 decode steps): {same}")
     RESULTS[f"launch_{label}_same_logits"] = same
 

@@ -703,6 +703,15 @@ def _kv_tile(cache_ptr, table_row, tile, first, end, kvh, d, stride_block, dt: t
 
 
 @triton.jit
+def _rescale(m_i, row_max):
+    """The online softmax's new running max, the max its exponents are taken against (0 while
+    no key is visible, so that nothing becomes NaN), and the old sums' factor."""
+    m_new = tl.maximum(m_i, row_max)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_ref, tl.exp2(m_i - m_ref)
+
+
+@triton.jit
 def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, dt: tl.constexpr, F32_DOT: tl.constexpr):
     """One step of the online softmax: the running max m_i, sum l_i and output acc of the
     query heads q after the visible (`valid`) keys k and values v of one tile."""
@@ -711,10 +720,8 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, dt: tl.constexpr, F32_
     else:
         s = tl.dot(q, tl.trans(k))
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no visible token changes nothing
+    m_new, m_ref, alpha = _rescale(m_i, tl.max(s, axis=1))
     p = tl.exp2(s - m_ref[:, None])
-    alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if F32_DOT:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -730,10 +737,8 @@ def _attend_token(q, k, v, take, m_i, l_i, acc, qk_scale, dt: tl.constexpr, F32_
     kf = k.to(dt).to(tl.float32)
     s = tl.sum(q.to(tl.float32) * kf, axis=1) * qk_scale
     s = tl.where(take, s, float("-inf"))
-    m_new = tl.maximum(m_i, s)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_new, m_ref, alpha = _rescale(m_i, s)
     p = tl.exp2(s - m_ref)
-    alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + p
     if not F32_DOT:
         p = p.to(dt).to(tl.float32)
