@@ -1050,6 +1050,41 @@ def profile_steps(engine, prompts, new_tokens, max_model_len):
     return elapsed, outs
 
 
+@section("prefill graphs: time to first token, graph against eager")
+def prefill_graph_compare(engine, label, lengths=(128, 100, 300), rounds=5, max_model_len=4096):
+    """One prompt alone, one token out (scheduling, prefill, sampling, the token back on
+    the host: the time to first token in process), with the runtime's prefill graphs on
+    and off (EngineConfig.prefill_graph_tokens), alternately; medians. Then the prompt
+    row's logits under each: equal bit for bit at a graph length, or how far apart when
+    the prompt is padded to one."""
+    runtime = engine.runtime
+    shipped = list(runtime.prefill_graph_tokens)
+    modes = {"graph": shipped, "eager": []}
+    seed = 7000
+    for n in lengths:
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(rounds + 1):
+            for mode, graph_lengths in modes.items():
+                runtime.prefill_graph_tokens = graph_lengths
+                elapsed, _ = run_offline(engine, prompts_for(1, n, 32000, seed=seed), 1, max_model_len)
+                seed += 1
+                if r:  # the first round warms up (captures the graph)
+                    times[mode].append(elapsed * 1e3)
+        med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+        rows = []
+        for graph_lengths in modes.values():
+            runtime.prefill_graph_tokens = graph_lengths
+            drv = Driver(runtime)
+            rows.append(drv.prefill(drv.new_seq(prompts_for(1, n, 32000, seed=90_000 + n)[0]))[-1])
+        a, b = rows
+        rel = ((a - b).norm() / b.norm()).item()
+        say(f"{label} prompt of {n} tokens, time to first token (ms, median of {rounds}): graph {med['graph']:.2f}, "
+            f"eager {med['eager']:.2f} ({med['graph'] / med['eager']:.3f}); prompt-row logits graph against eager: "
+            f"{'equal' if torch.equal(a, b) else f'rel {rel:.2e}'}, same argmax {int(a.argmax()) == int(b.argmax())}")
+        RESULTS[f"ttft_{label}_{n}"] = {**{m: round(v, 2) for m, v in med.items()}, "rel": rel}
+    runtime.prefill_graph_tokens = shipped
+
+
 @section("ours")
 def bench_ours(engine, label, batch, new_tokens=256, prompt_len=128, max_model_len=4096, repeats=3):
     # Fresh prompts for every run: a repeated prompt would be served from the prefix cache.
@@ -1387,10 +1422,12 @@ def main():
         bench_hf(hf, 32)
     if engine is not None:
         bench_ours(engine, "bf16", 1)
+        prefill_graph_compare(engine, "bf16")
         step_gaps(engine, "bf16")
         bench_ours(engine, "bf16", 32)
     if built8 and built:
         bench_ours(engine8, "fp8", 1)
+        prefill_graph_compare(engine8, "fp8")
         step_gaps(engine8, "fp8")
         bench_ours(engine8, "fp8", 32, repeats=1)
     engine8 = runtime8 = built8 = None  # noqa: F841 (room for the FP8-KV model)

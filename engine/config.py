@@ -38,9 +38,21 @@ class EngineConfig:
     # Decode batch sizes the runtime pads to (CUDA graphs are captured per bucket).
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     use_cuda_graphs: bool = True
-    # Capture every decode bucket's CUDA graph while loading instead of on first use (about
-    # 0.1 to 4 s each on the H100, which a request would otherwise wait for). The server
-    # turns it on; in-process models capture lazily.
+    # Prompt lengths (tokens) that the CUDA runtime pads a fresh prompt to, and replays
+    # from a CUDA graph captured per length and decode bucket: a step whose prefill is one
+    # prompt's first (or only) chunk, with no prefix reused, of up to the largest length
+    # here, beside at most 64 decode rows (engine/runtime/cuda/runtime.py). Such a step is
+    # otherwise bound by the host (about 400 launches for 32 layers: on the H100 a
+    # 128-token 7B prefill took 10 ms in bf16 and 15 ms in FP8 with the device busy 4 to
+    # 6 ms of them, docs/benchmarks.md): the time to first token, and the pause of every
+    # other stream while a new prompt goes in. Padding rows write no K/V and no prompt row
+    # attends to a later one, so the prompt's rows are computed as unpadded, though the
+    # projections' matrix products may round differently at another row count. Empty: off.
+    prefill_graph_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    # Capture every decode bucket's and prefill shape's CUDA graph while loading instead of
+    # on first use (on the H100 about 0.1 to 4 s a decode graph and 0.1 to 0.2 s a prefill
+    # graph, which a request would otherwise wait for). The server turns it on; in-process
+    # models capture lazily.
     capture_graphs_at_start: bool = False
     # Launch step N+1 before reading step N's tokens back, so that the host's work per
     # step (scheduling, batch building, stop checks, streaming) overlaps the device's.
@@ -88,6 +100,9 @@ class EngineConfig:
             # The tensor-parallel runtime starts rank processes of its own, which the
             # engine process (a daemon process) may not do.
             raise ValueError("engine_process cannot be combined with tensor_parallel_size > 1")
+        for name in ("decode_buckets", "prefill_graph_tokens"):
+            if any(not isinstance(n, int) or n < 1 for n in getattr(self, name)):
+                raise ValueError(f"{name} must hold positive integers, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

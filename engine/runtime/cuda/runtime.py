@@ -5,9 +5,16 @@ EngineConfig.decode_buckets that fits: inputs are copied into fixed buffers (tok
 positions, slots, block tables padded to the longest context, context lengths; padding
 rows write no K/V and attend to nothing), and the step is replayed from a CUDA graph
 captured per bucket on first use. With use_cuda_graphs=False the same padded step runs
-eagerly, so graph and eager decoding give the same tokens. Steps with prefill chunks run
-eagerly (cuBLAS projections, batched SDPA for prefill, the Triton kernel for their
-decode rows).
+eagerly, so graph and eager decoding give the same tokens.
+
+A step whose prefill is one fresh prompt (no reused prefix, no earlier chunk) of up to
+max(EngineConfig.prefill_graph_tokens) tokens, beside up to PREFILL_GRAPH_MAX_DECODES
+decode rows, is replayed from a graph too: the decode rows padded to their bucket, the
+prompt to the next of those lengths (prefill_graph.py picks the shape; without graphs the
+same padded step runs eagerly). Padding rows write no K/V (slot -1) and the causal
+attention keeps the prompt's padding out of its own rows.
+Every other step with prefill chunks runs eagerly (cuBLAS projections, SDPA or varlen
+FlashAttention for prefill, the Triton kernel for its decode rows).
 """
 
 from __future__ import annotations
@@ -23,9 +30,16 @@ from engine.models.weights import MissingWeightError
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
 from engine.runtime.cuda.kernels import decode_splits, fill_decode_inputs, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
+from engine.runtime.cuda.prefill_graph import prefill_graph_shape
 from engine.runtime.kv_copy import copy_kv_blocks
 
 logger = logging.getLogger(__name__)
+
+# Decode rows that a step may hold beside the prompt and still replay a prefill graph. Each
+# decode bucket up to it times each prompt length is a graph of its own (48 with the
+# defaults and max_num_seqs 64, about 0.1 s each to capture on the H100); at more rows the
+# step's device time grows and the host's share of an eager step shrinks.
+PREFILL_GRAPH_MAX_DECODES = 64
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -66,6 +80,9 @@ class CudaRuntime(ModelRuntime):
         self.kv_cache: torch.Tensor | None = None
         self._layer_caches: list[torch.Tensor] = []
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graph_tokens = sorted(set(config.prefill_graph_tokens))
+        # (decode rows, prompt tokens) -> (graph, logits [rows + 1, vocab], the rows it takes them from)
+        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
         self.capture_seconds = 0.0
 
@@ -106,10 +123,12 @@ class CudaRuntime(ModelRuntime):
         self.block_size = block_size
         self._layer_caches = list(self.kv_cache)
         # Static decode inputs, sized for the largest bucket and the longest context.
+        # A prefill graph's prompt rows follow its decode bucket's rows in the same buffers.
         rows = self.buckets[-1]
+        tokens = rows + (self.prefill_graph_tokens[-1] if self.prefill_graph_tokens else 0)
         self.max_blocks = -(-self.max_model_len // block_size)
         new = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=self.device)  # noqa: E731
-        self._ids, self._pos, self._slots, self._ctx = new(rows), new(rows), new(rows), new(rows)
+        self._ids, self._pos, self._slots, self._ctx = new(tokens), new(tokens), new(tokens), new(rows)
         self._tables = new(rows, self.max_blocks)
         self._slots.fill_(-1)
         self._live_rows = 0  # rows of the static buffers that may hold a real slot or context
@@ -126,7 +145,14 @@ class CudaRuntime(ModelRuntime):
         with torch.inference_mode():
             if n and not batch.prefill_chunks and n <= self.buckets[-1]:
                 return self._decode(batch)
+            shape = self._prefill_graph_shape(batch)
+            if shape is not None:
+                return self._padded_prefill(batch, *shape)
             return self._eager(batch)
+
+    def _prefill_graph_shape(self, batch: ForwardBatch) -> tuple[int, int] | None:
+        buckets = [0] + [b for b in self.buckets if b <= PREFILL_GRAPH_MAX_DECODES]
+        return prefill_graph_shape(batch, buckets, self.prefill_graph_tokens, self.spec.sliding_window)
 
     def _splits(self, rows: int) -> int:
         return decode_splits(rows, self.spec.num_key_value_heads, self.max_model_len, num_sms(self.device))
@@ -155,14 +181,8 @@ class CudaRuntime(ModelRuntime):
     def _decode(self, batch: ForwardBatch) -> torch.Tensor:
         n = batch.num_decodes
         rows = self.bucket_for(n)
-        width = min(batch.decode_block_tables.shape[1], self.max_blocks)
-        fill_decode_inputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
-                           batch.decode_block_tables[:, :width],
-                           (self._ids, self._pos, self._slots, self._ctx, self._tables))
-        if self._live_rows > n:  # rows a larger batch used: padding again (no K/V write, empty context)
-            self._slots[n : self._live_rows].fill_(-1)
-            self._ctx[n : self._live_rows].zero_()
-        self._live_rows = n
+        self._fill_decode_rows(batch)
+        self._pad_rows_from(n)
         if self.use_cuda_graphs:
             if rows not in self._graphs:
                 self._capture(rows)
@@ -179,6 +199,90 @@ class CudaRuntime(ModelRuntime):
         if batch.logits_indices.shape[0] == n:
             return logits[:n]
         return logits.index_select(0, batch.logits_indices)
+
+    def _fill_decode_rows(self, batch: ForwardBatch) -> None:
+        """Rows [0, n) of the static inputs from the step's n decode rows."""
+        width = min(batch.decode_block_tables.shape[1], self.max_blocks)
+        fill_decode_inputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
+                           batch.decode_block_tables[:, :width],
+                           (self._ids, self._pos, self._slots, self._ctx, self._tables))
+
+    def _pad_rows_from(self, n: int) -> None:
+        """Rows from n on that an earlier step filled become padding again (no K/V write,
+        an empty context); the rows before n are this step's."""
+        if self._live_rows > n:
+            self._slots[n : self._live_rows].fill_(-1)
+            self._ctx[n : self._live_rows].zero_()
+        self._live_rows = n
+
+    def _prefill_step(self, rows: int, tokens: int, logits_rows: torch.Tensor) -> torch.Tensor:
+        """`rows` decode rows (possibly none) and a fresh prompt of `tokens` rows after them,
+        from the static inputs; the logits (model dtype) of logits_rows."""
+        decode = DecodeInputs(self._tables[:rows], self._ctx[:rows], self._splits(rows)) if rows else None
+        end = rows + tokens
+        return self.model.forward(self._ids[:end], self._pos[:end], self._slots[:end], self._layer_caches, decode,
+                                  rows, [(rows, tokens, tokens, [])], logits_rows)
+
+    def _padded_prefill(self, batch: ForwardBatch, rows: int, tokens: int) -> torch.Tensor:
+        """The step padded to `rows` decode rows and `tokens` prompt rows, replayed from its
+        graph (or, with use_cuda_graphs=False, run eagerly at the same shapes: the same
+        logits)."""
+        if self.use_cuda_graphs:
+            if (rows, tokens) not in self._prefill_graphs:
+                self._capture_prefill(rows, tokens)
+            graph, logits, logits_rows = self._prefill_graphs[(rows, tokens)]
+        else:
+            graph, logits_rows = None, torch.arange(rows + 1, device=self.device)
+        n = batch.num_decodes
+        length = batch.prefill_chunks[0][1]
+        if n:
+            self._fill_decode_rows(batch)
+        self._pad_rows_from(n)  # decode rows [n, rows) are padding
+        start, end = rows, rows + length
+        self._ids[start:end].copy_(batch.input_ids[n:])
+        self._pos[start:end].copy_(batch.positions[n:])
+        self._slots[start:end].copy_(batch.slot_mapping[n:])
+        if length < tokens:  # prompt padding: no K/V written, a valid rope position
+            self._slots[end : rows + tokens].fill_(-1)
+            self._pos[end : rows + tokens].zero_()
+        self._live_rows = rows + tokens
+        sampled = batch.logits_indices.shape[0]
+        if sampled:  # the prompt's last row, after the decode bucket's rows
+            logits_rows[rows].fill_(end - 1)
+        if graph is not None:
+            graph.replay()
+        else:
+            logits = self._prefill_step(rows, tokens, logits_rows)
+        # The graph's logits are the decode bucket's rows, then the prompt's last. Each of
+        # the step's rows samples at most once, in order: n + 1 rows sampled are all of them.
+        if sampled == n + 1:
+            return logits[: n + 1] if n == rows else torch.cat([logits[:n], logits[rows:]])
+        if sampled == 0:
+            return logits[:0]
+        picked = batch.logits_indices
+        return logits.index_select(0, torch.where(picked < n, picked, rows))
+
+    def _capture_prefill(self, rows: int, tokens: int) -> None:
+        start = time.perf_counter()
+        # Every row padding (slot -1, empty context): the warm-up run (kernel compilation,
+        # cuBLAS and attention plans) writes nothing into the cache. The step's own rows
+        # are filled after.
+        self._pad_rows_from(0)
+        self._slots[: rows + tokens].fill_(-1)
+        self._pos[rows : rows + tokens].zero_()
+        self._live_rows = rows + tokens
+        logits_rows = torch.arange(rows + 1, device=self.device)
+        self._prefill_step(rows, tokens, logits_rows)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._prefill_step(rows, tokens, logits_rows)
+        self._prefill_graphs[(rows, tokens)] = (graph, logits, logits_rows)
+        self.capture_seconds += time.perf_counter() - start
+        logger.info("captured the prefill CUDA graph for %d decode rows and %d prompt tokens in %.2f s", rows, tokens,
+                    time.perf_counter() - start)
 
     def _capture(self, rows: int) -> None:
         start = time.perf_counter()
@@ -205,12 +309,19 @@ class CudaRuntime(ModelRuntime):
         again into the old pool, once its graphs were gone, failed torch 2.11's caching
         allocator assert `use_count > 0` in bench/gpu_bench.py on the H100.)"""
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self._pool = None
 
     def warm_up(self) -> None:
-        """Capture every bucket's graph now instead of on first use."""
+        """Capture every decode bucket's and prefill shape's graph now instead of on first use."""
         if self.use_cuda_graphs:
             with torch.inference_mode():
                 for rows in reversed(self.buckets):
                     if rows not in self._graphs:
                         self._capture(rows)
+                buckets = [0] + [b for b in self.buckets if b <= PREFILL_GRAPH_MAX_DECODES]
+                for rows in reversed(buckets):
+                    for tokens in reversed(self.prefill_graph_tokens):
+                        if (rows, tokens) not in self._prefill_graphs:
+                            self._capture_prefill(rows, tokens)
+
