@@ -150,13 +150,15 @@ class StubTokenizer:
 
 
 def make_runtime(spec, weights, *, fp8=False, max_num_seqs=32, max_model_len=None, graphs=True, kv8=False,
-                 fast_accum=True):
+                 fast_accum=True, **overrides):
+    """A CudaRuntime in bf16 (FP8 weights with fp8); overrides: other EngineConfig fields."""
     from engine.config import EngineConfig
     from engine.runtime.cuda.runtime import CudaRuntime
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < 2 * max_num_seqs)
-    config = EngineConfig(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets,
-                          kv_cache_dtype="fp8" if kv8 else "auto", fp8_fast_accum=fast_accum)
+    fields = dict(max_num_seqs=max_num_seqs, use_cuda_graphs=graphs, decode_buckets=buckets,
+                  kv_cache_dtype="fp8" if kv8 else "auto", fp8_fast_accum=fast_accum)
+    config = EngineConfig(**{**fields, **overrides})
     max_model_len = max_model_len or spec.max_position_embeddings
     runtime = CudaRuntime(spec, weights, torch.bfloat16, "cuda", use_fp8=fp8, config=config,
                           max_model_len=max_model_len)

@@ -330,7 +330,9 @@ def build_llm_engine(args):
     else:
         shape = {"llama2-7b": gb.LLAMA2_7B, "llama3-8b": gb.LLAMA3_8B}[args.shape]
         weights = gb.random_weights(shape)
-        runtime, config, max_model_len = gb.make_runtime(gb.spec_for(shape), weights, max_num_seqs=args.max_num_seqs)
+        # The runtime reads some options too (prefill_graph_tokens, use_cuda_graphs).
+        runtime, config, max_model_len = gb.make_runtime(gb.spec_for(shape), weights, max_num_seqs=args.max_num_seqs,
+                                                         **args.engine_option)
         del weights
         gb.free_memory()
     engine, blocks = gb.make_engine(runtime, config, max_model_len, **args.engine_option)
