@@ -100,7 +100,10 @@ class Scheduler:
         if params.use_beam_search:
             from engine.sampling.beam_search import BeamSearch
 
-            request.beam_search = BeamSearch(params, prompt, params.max_new_tokens)
+            # A candidate whose text holds a stop string ends like one ending on eos
+            # (transformers applies its stopping criteria to every candidate alike).
+            stop_checker = (lambda ids: self.text.has_stop_string(params, ids)) if params.stop_strings else None
+            request.beam_search = BeamSearch(params, prompt, params.max_new_tokens, stop_checker=stop_checker)
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -409,15 +412,27 @@ class Scheduler:
         return self._request_output(request, sequences)
 
     def _beam_output(self, request: Request) -> RequestOutput:
-        eos = request.params.all_stop_token_ids
         sequences = []
         for i, hyp in enumerate(request.beam_search.finalize()):
             ids = tuple(hyp.token_ids)
-            reason = FinishReason.EOS if ids and ids[-1] in eos else FinishReason.LENGTH
+            reason = self._beam_finish_reason(request.params, ids)
             sequences.append(SequenceOutput(index=i, token_ids=ids, text=self._beam_text(request.params, ids),
                                             finish_reason=reason, cumulative_logprob=float(hyp.score)))
         request.beam_completion_tokens = sum(len(s.token_ids) for s in sequences)
         return self._request_output(request, sequences)
+
+    def _beam_finish_reason(self, params, token_ids: tuple[int, ...]) -> FinishReason:
+        """Why a finished hypothesis ended, with check_stop's precedence: its last token
+        an eos or stop token, else a stop string in its text, else its length. (A
+        hypothesis may also be a running beam that the search ended with.)"""
+        last = token_ids[-1] if token_ids else None
+        if last is not None and not params.ignore_eos and last in params.eos_token_ids:
+            return FinishReason.EOS
+        if last is not None and last in params.stop_token_ids:
+            return FinishReason.STOP_TOKEN
+        if self.text.has_stop_string(params, token_ids):
+            return FinishReason.STOP_STRING
+        return FinishReason.LENGTH
 
     def _beam_text(self, params, token_ids) -> str:
         return self.text.decode(params, token_ids) if params.needs_text else ""

@@ -18,3 +18,12 @@ class TextLayer:
         text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in params.stop_strings) if i >= 0), default=len(text))
         return text[:cut]
+
+    def has_stop_string(self, params: SamplingParams, token_ids) -> bool:
+        """Whether the text of generated tokens holds one of params.stop_strings: the test a
+        beam-search candidate ends by (a sequence outside beam search stops at the same
+        point through its detokenizer; both look at the generated text only)."""
+        if not params.stop_strings:
+            return False
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return any(s in text for s in params.stop_strings)

@@ -74,6 +74,26 @@ def test_beam_search_parity(pair, num_beams, nrs, length_penalty, early_stopping
     torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+@pytest.mark.parametrize("span", [(6, 9), (4, 7)])
+def test_beam_search_with_stop_strings_matches_transformers(pair, span):
+    """Stop strings end beam-search candidates as eos does, in transformers'
+    StopStringCriteria and here. The stop string is a piece of the text that the first
+    prompt's best beam generates without it, so it must change the search."""
+    ours, ref = pair
+    inputs = left_padded(ours.tokenizer, PROMPTS[:2])
+    kwargs = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True)
+    plain = ref.generate(**inputs, **kwargs).sequences
+    generated = ours.tokenizer.decode(plain[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    stop = generated[span[0] : span[1]]
+    expected = ref.generate(**inputs, **kwargs, stop_strings=[stop], tokenizer=ours.tokenizer)
+    got = ours.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs, stop_strings=[stop])
+    assert not torch.equal(expected.sequences, plain)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("pair", ["qwen2"], indirect=True)
 def test_top_k_1_sampling_equals_greedy(pair):
     ours, _ = pair

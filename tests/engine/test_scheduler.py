@@ -312,3 +312,28 @@ def test_engine_raises_the_gc_threshold_and_never_lowers_it(tokenizer):
         assert gc.get_threshold() == (700, 11, 12)
     finally:
         gc.set_threshold(*saved)
+
+
+def test_beam_search_ends_candidates_at_stop_strings(tokenizer):
+    """A beam-search candidate whose text holds a stop string is a finished hypothesis:
+    its finish reason says so and its text stops before the stop string (its tokens run
+    to the one that completed it). The stop string is the end of the best beam's text at
+    its ninth token, found without stop strings; a hypothesis of one token that it ended
+    would score too low to be returned."""
+    prompt = random_prompts(1, seed=31)[0]
+    params = SamplingParams(max_new_tokens=10, num_beams=3, num_return_sequences=3)
+    plain = run(make_engine(tokenizer), [(0, "a", prompt, params)]).final("a")
+    stop = tokenizer.decode(list(plain.sequences[0].token_ids[:9]), skip_special_tokens=True)[-3:]
+    engine = make_engine(tokenizer)
+    got = run(engine, [(0, "a", prompt, dataclasses.replace(params, stop_strings=(stop,)))]).final("a")
+    ended = [s for s in got.sequences if s.finish_reason is FinishReason.STOP_STRING]
+    assert ended
+    for s in got.sequences:
+        full = tokenizer.decode(list(s.token_ids), skip_special_tokens=True)
+        assert stop not in s.text and full.startswith(s.text)
+        assert (stop in full) == (s.finish_reason is FinishReason.STOP_STRING)
+    for s in ended:
+        full = tokenizer.decode(list(s.token_ids), skip_special_tokens=True)
+        assert s.text == full[: full.index(stop)]
+        assert stop not in tokenizer.decode(list(s.token_ids[:-1]), skip_special_tokens=True)
+    assert_all_blocks_free(engine)
