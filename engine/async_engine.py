@@ -14,7 +14,7 @@ import weakref
 from collections import deque
 from typing import AsyncIterator
 
-from engine.errors import RequestFailedError
+from engine.errors import output_error
 from engine.factory import LoadedModel, load_model
 from engine.model_info import EngineStats, ModelInfo
 from engine.outputs import RequestOutput, merge_outputs
@@ -49,8 +49,9 @@ class AsyncEngine:
         final_output_only); the last has finished=True.
 
         Raises InvalidParameterError / ContextLengthError for a bad request, QueueFullError
-        when full, EngineDeadError when the loop has died, RequestFailedError when the
-        request's model step failed. Closing the iterator early aborts the request.
+        when full, EngineDeadError when the loop has died or stalls under the request,
+        RequestFailedError when the request's model step failed. Closing the iterator early
+        aborts the request.
         """
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         mailbox = self._mailbox(asyncio.get_running_loop())
@@ -69,7 +70,7 @@ class AsyncEngine:
                     output = merge_outputs(output, queue.get_nowait())
                 if output.error is not None:
                     finished = output.finished
-                    raise RequestFailedError(output.error)
+                    raise output_error(output.error, output.engine_stopped)
                 finished = output.finished
                 yield output
                 if finished:

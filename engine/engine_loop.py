@@ -29,6 +29,8 @@ from engine.sequence import Request
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput], None]
+# Why requests are refused while the watchdog holds a step for stuck.
+STALLED = "its step loop is stalled (a step has not returned)"
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,11 @@ def admit(request: GenerationRequest, in_flight, max_in_flight: int, dead_reason
     return request_id
 
 
-def last_output(request_id: str, prompt_tokens: int, reason: FinishReason, error: str | None = None) -> RequestOutput:
-    """The final output of a request that the engine drops without a step: it stopped
-    (ERROR, with `error`) or shut down (ABORTED)."""
+def last_output(request_id: str, prompt_tokens: int, reason: FinishReason, error: str | None = None,
+                engine_stopped: bool = False) -> RequestOutput:
+    """The final output of a request that the engine drops without a step: it stopped or
+    stalled (ERROR, with `error` and engine_stopped), its step failed (ERROR) or it shut
+    down (ABORTED)."""
     return RequestOutput(
         request_id=request_id,
         sequences=(SequenceOutput(index=0, token_ids=(), text="", finish_reason=reason),),
@@ -110,15 +114,27 @@ def last_output(request_id: str, prompt_tokens: int, reason: FinishReason, error
         completion_tokens=0,
         cached_tokens=0,
         error=error,
+        engine_stopped=engine_stopped,
     )
+
+
+def watchdog_period(timeout_s: float) -> float:
+    """How often a watchdog looks: often enough to answer within a quarter of its timeout."""
+    return min(1.0, max(0.02, timeout_s / 4))
 
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, max_in_flight: int, watchdog_timeout_s: float,
-                 after_pass: Callable[[], None] | None = None):
+                 after_pass: Callable[[], None] | None = None, fail_stalled: bool = True):
         """after_pass: called on the loop thread after each pass that may have delivered
         outputs (a step, commands before idling, the stop, the death), so that an engine
-        process can ship each step's outputs to its parent in one message."""
+        process can ship each step's outputs to its parent in one message.
+
+        fail_stalled: when a step has not returned for watchdog_timeout_s, a watchdog
+        thread ends every request in flight with an error (engine_stopped: the caller may
+        retry elsewhere) instead of leaving them to wait for their deadlines; if the step
+        returns after all, the loop aborts them in the engine and serves again. An engine
+        process's loop leaves this to its parent, which sees the same silence."""
         self.engine = engine
         self.limits = EngineLimits.of(engine)
         self.max_in_flight = max_in_flight
@@ -126,15 +142,23 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._commands: deque = deque()
-        self._in_flight: set[str] = set()
+        # request id -> (the caller's sink, prompt length), from submit to the last output
+        self._in_flight: dict[str, tuple[Sink, int]] = {}
+        # Requests the watchdog has answered that the engine may still hold: their outputs
+        # are dropped, and the loop aborts them when its step returns.
+        self._dropped: set[str] = set()
+        self._stalled = False
         self._ids = itertools.count()
         self._stopping = False
         self.dead_reason: str | None = None
         self.last_progress = time.monotonic()
         self.busy = False
         self._after_pass = after_pass or (lambda: None)
+        self._closed = threading.Event()  # the loop has ended: the watchdog ends too
         self._thread = threading.Thread(target=self._run, name="textgen-step-loop", daemon=True)
         self._thread.start()
+        if fail_stalled:
+            threading.Thread(target=self._watch, name="textgen-watchdog", daemon=True).start()
 
     # ---- any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink, field: str = "token_ids") -> str:
@@ -145,13 +169,16 @@ class EngineLoop:
         """
         validate_request(request, self.limits, field)
         with self._lock:
-            request_id = admit(request, self._in_flight, self.max_in_flight, self.dead_reason, self._stopping, self._ids)
-            self._in_flight.add(request_id)
+            stopped = self.dead_reason or (STALLED if self._stalled else None)
+            request_id = admit(request, self._in_flight, self.max_in_flight, stopped, self._stopping, self._ids)
+            self._in_flight[request_id] = (sink, len(request.prompt_token_ids))
 
             def deliver(output: RequestOutput) -> None:
+                if self._dropped and output.request_id in self._dropped:
+                    return  # the watchdog has already given this request its last output
                 if output.finished:
                     with self._lock:
-                        self._in_flight.discard(output.request_id)
+                        self._in_flight.pop(output.request_id, None)
                 sink(output)
 
             state = Request(request_id, list(request.prompt_token_ids), request.params, deliver)
@@ -170,7 +197,7 @@ class EngineLoop:
 
     @property
     def is_healthy(self) -> bool:
-        if self.dead_reason is not None:
+        if self.dead_reason is not None or self._stalled:
             return False
         stuck = self.busy and time.monotonic() - self.last_progress > self.watchdog_timeout_s
         return not stuck
@@ -197,6 +224,28 @@ class EngineLoop:
             self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+
+    # ---- the watchdog thread ------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closed.wait(watchdog_period(self.watchdog_timeout_s)):
+            if self.busy and not self._stalled and time.monotonic() - self.last_progress > self.watchdog_timeout_s:
+                self._fail_in_flight()
+
+    def _fail_in_flight(self) -> None:
+        """A step has not returned for watchdog_timeout_s: answer every request in flight
+        with an error now. The engine's state belongs to the stuck loop thread and is
+        left alone; the loop aborts these requests when (if) the step returns."""
+        with self._lock:
+            self._stalled = True
+            failed, self._in_flight = self._in_flight, {}
+            self._dropped.update(failed)
+        message = f"the engine stalled: no step has finished for {self.watchdog_timeout_s:g} s"
+        logger.error("%s; ending the %d requests in flight", message, len(failed))
+        for request_id, (sink, prompt_len) in failed.items():
+            try:
+                sink(last_output(request_id, prompt_len, FinishReason.ERROR, message, engine_stopped=True))
+            except Exception:  # noqa: BLE001 - a broken sink must not stop the others
+                logger.exception("sink failed for %s", request_id)
 
     # ---- the loop thread --------------------------------------------------------------
     def _apply_commands(self) -> None:
@@ -230,11 +279,29 @@ class EngineLoop:
                     self.busy = True
                 self.engine.step()
                 self.last_progress = time.monotonic()
+                if self._stalled:
+                    self._recover()
                 self._after_pass()
         except Exception as exc:  # a bug in engine state: nothing can be trusted any more
             logger.exception("the step loop died")
             self._die(repr(exc))
             self._after_pass()
+        finally:
+            self._closed.set()
+
+    def _recover(self) -> None:
+        """The stalled step returned: abort what the watchdog answered (freeing its KV
+        blocks; its outputs are dropped) and serve again."""
+        with self._lock:
+            dropped = set(self._dropped)
+            # Requests answered before the loop took them in are never added.
+            self._commands = deque(c for c in self._commands if not (c[0] == "add" and c[1].request_id in dropped))
+        for request_id in dropped:
+            self.engine.abort(request_id)
+        with self._lock:
+            self._dropped -= dropped
+            self._stalled = False
+        logger.warning("the step loop is making progress again; the %d requests it stalled were aborted", len(dropped))
 
     def _die(self, reason: str) -> None:
         with self._lock:
@@ -245,6 +312,6 @@ class EngineLoop:
         for request in requests:
             try:
                 request.sink(last_output(request.request_id, request.prompt_len, FinishReason.ERROR,
-                                         f"the engine stopped: {reason}"))
+                                         f"the engine stopped: {reason}", engine_stopped=True))
             except Exception:  # noqa: BLE001 - a broken sink must not stop the others
                 logger.exception("sink failed for %s", request.request_id)

@@ -39,7 +39,16 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLimits, EngineLoop, Sink, admit, last_output, validate_request
+from engine.engine_loop import (
+    STALLED,
+    EngineLimits,
+    EngineLoop,
+    Sink,
+    admit,
+    last_output,
+    validate_request,
+    watchdog_period,
+)
 from engine.errors import EngineDeadError
 from engine.llm_engine import LLMEngine
 from engine.model_info import EngineStats
@@ -108,8 +117,12 @@ class ProcessEngineLoop:
                                   kv_blocks_free=self.limits.num_kv_blocks, preemptions_total=0,
                                   prefix_cache_queries_total=0, prefix_cache_hits_total=0, steps_total=0, healthy=True)
         self._last_heard = time.monotonic()
+        # The watchdog has answered the requests in flight; set until the child is heard from.
+        self._stalled = False
+        self._closed = threading.Event()  # the child is gone: the watchdog ends too
         self._reader = threading.Thread(target=self._read, name="textgen-engine-reader", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._watch, name="textgen-engine-watchdog", daemon=True).start()
 
     @property
     def pid(self) -> int:
@@ -135,7 +148,8 @@ class ProcessEngineLoop:
         """As EngineLoop.submit: queue a request, return its id; raises the same errors."""
         validate_request(request, self.limits, field)
         with self._lock:
-            request_id = admit(request, self._sinks, self.max_in_flight, self.dead_reason, self._stopping, self._ids)
+            stopped = self.dead_reason or (STALLED if self._stalled else None)
+            request_id = admit(request, self._sinks, self.max_in_flight, stopped, self._stopping, self._ids)
             if not self._sinks:
                 # Work after idling: the watchdog's clock starts now, not at the last message.
                 self._last_heard = time.monotonic()
@@ -163,7 +177,7 @@ class ProcessEngineLoop:
 
     @property
     def is_healthy(self) -> bool:
-        if self.dead_reason is not None:
+        if self.dead_reason is not None or self._stalled:
             return False
         # The child sends a message every step while it has work, so silence with requests
         # in flight means a step that does not return (EngineLoop's watchdog, from outside).
@@ -191,12 +205,42 @@ class ProcessEngineLoop:
         atexit.unregister(self._finalizer)
         self._reader.join(STOP_TIMEOUT_S)
 
+    # ---- the watchdog thread ------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closed.wait(watchdog_period(self.watchdog_timeout_s)):
+            silent = time.monotonic() - self._last_heard > self.watchdog_timeout_s
+            if self._sinks and silent and not self._stalled and self.dead_reason is None:
+                self._fail_in_flight()
+
+    def _fail_in_flight(self) -> None:
+        """The child has been silent with requests in flight for watchdog_timeout_s (a step
+        that does not return): answer them all with an error now, as EngineLoop's own
+        watchdog does, and ask the child to abort them for when its step returns."""
+        with self._lock:
+            self._stalled = True
+            failed, self._sinks = self._sinks, {}
+            for request_id in failed:
+                try:
+                    self._conn.send(("abort", request_id))
+                except OSError:
+                    break
+        message = f"the engine stalled: the engine process has sent nothing for {self.watchdog_timeout_s:g} s"
+        logger.error("%s; ending the %d requests in flight", message, len(failed))
+        for request_id, (sink, prompt_len) in failed.items():
+            try:
+                sink(last_output(request_id, prompt_len, FinishReason.ERROR, message, engine_stopped=True))
+            except Exception:  # noqa: BLE001 - a broken sink must not stop the others
+                logger.exception("sink failed for %s", request_id)
+
     # ---- the reader thread ------------------------------------------------------------
     def _read(self) -> None:
         try:
             while True:
                 outputs, stats, dead_reason = self._conn.recv()
                 self._last_heard = time.monotonic()
+                if self._stalled:
+                    self._stalled = False
+                    logger.warning("the engine process is making progress again")
                 self._deliver(outputs)
                 if stats is not None:
                     self._stats = stats
@@ -227,6 +271,7 @@ class ProcessEngineLoop:
                 logger.exception("sink failed for %s", output.request_id)
 
     def _on_child_exit(self) -> None:
+        self._closed.set()
         with self._lock:
             if not (self._stopping or self._reaped.is_set()) and self.dead_reason is None:
                 self.dead_reason = f"the engine process {_exit_text(self._process.exitcode)}"
@@ -234,7 +279,8 @@ class ProcessEngineLoop:
             left, self._sinks = self._sinks, {}
         for request_id, (sink, prompt_len) in left.items():
             if self.dead_reason is not None:
-                output = last_output(request_id, prompt_len, FinishReason.ERROR, f"the engine stopped: {self.dead_reason}")
+                output = last_output(request_id, prompt_len, FinishReason.ERROR, f"the engine stopped: {self.dead_reason}",
+                                     engine_stopped=True)
             else:  # shut down before the child could abort it
                 output = last_output(request_id, prompt_len, FinishReason.ABORTED)
             try:
@@ -306,8 +352,9 @@ class _Child:
         self._sent_stats: EngineStats | None = None
         self._loop: EngineLoop | None = None
         config = engine.config
+        # The parent's watchdog answers a stalled step's requests: it hears the same silence.
         self._loop = EngineLoop(engine, config.max_in_flight, config.watchdog_timeout_s,
-                                after_pass=self._ship)
+                                after_pass=self._ship, fail_stalled=False)
 
     def serve(self) -> None:
         loop, collect = self._loop, self._outputs.append

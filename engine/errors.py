@@ -30,3 +30,10 @@ class ModelLoadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The engine could not finish this request (its model step failed); others go on."""
+
+
+def output_error(message: str, engine_stopped: bool) -> RuntimeError:
+    """What a request's error output raises for its caller: EngineDeadError when the
+    engine stopped or stalled under it (a retry elsewhere may succeed; gRPC UNAVAILABLE),
+    else RequestFailedError (its own step failed; INTERNAL)."""
+    return EngineDeadError(message) if engine_stopped else RequestFailedError(message)

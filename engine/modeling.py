@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from engine.async_engine import AsyncEngine
-from engine.errors import InvalidParameterError, RequestFailedError
+from engine.errors import InvalidParameterError, output_error
 from engine.outputs import RequestOutput
 from engine.params import GenerationRequest, SamplingParams
 
@@ -191,7 +191,7 @@ def _run_sync(engine: AsyncEngine, requests: list[GenerationRequest]) -> list[_R
         raise
     for row in outputs:
         if row and row[-1].error is not None:
-            raise RequestFailedError(row[-1].error)
+            raise output_error(row[-1].error, row[-1].engine_stopped)
     return [_collect(row) for row in outputs]
 
 
@@ -211,7 +211,7 @@ def _run_streamed(engine: AsyncEngine, request: GenerationRequest, prompt: torch
         loop.abort(request_id)
         raise
     if outputs[-1].error is not None:
-        raise RequestFailedError(outputs[-1].error)
+        raise output_error(outputs[-1].error, outputs[-1].engine_stopped)
     streamer.end()
     return _collect(outputs)
 

@@ -79,6 +79,9 @@ class RequestOutput:
     error: str | None = None
     # Seconds from arrival to the first schedule; None until then.
     queue_time_s: float | None = None
+    # With error: the engine stopped or stalled (not this request's fault); the same
+    # request may succeed elsewhere or later. Raised as EngineDeadError, not RequestFailedError.
+    engine_stopped: bool = False
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -111,4 +114,5 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
         cached_tokens=later.cached_tokens,
         error=later.error,
         queue_time_s=later.queue_time_s if later.queue_time_s is not None else earlier.queue_time_s,
+        engine_stopped=later.engine_stopped,
     )

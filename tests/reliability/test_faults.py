@@ -137,10 +137,11 @@ def test_a_dead_step_loop_turns_health_not_serving_and_new_calls_unavailable(mak
             raise RuntimeError("scheduler state is corrupt")
 
         loop.engine.scheduler.schedule = broken_schedule  # outside a model step: the loop cannot go on
-        # The request in flight ends with a clear error instead of waiting forever.
+        # The request in flight ends with a clear error instead of waiting forever:
+        # UNAVAILABLE, as new calls get, since the server and not the request has failed.
         with pytest.raises(TextGenerationError) as caught:
             list(running)
-        assert caught.value.code == grpc.StatusCode.INTERNAL
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         assert "the engine stopped: RuntimeError('scheduler state is corrupt')" in caught.value.message
         assert loop.dead_reason is not None
         wait_for(lambda: health(server.target) == NOT_SERVING, timeout=5, what="health NOT_SERVING")
@@ -164,10 +165,17 @@ def test_the_watchdog_notices_a_step_that_never_returns(make_server):
         assert client.generate(PROMPTS[0], max_new_tokens=4).usage.completion_tokens == 4
         assert health(server.target) == SERVING
 
+        began = time.monotonic()
         stuck = pool.submit(lambda: client.generate(FAULTY_PROMPT, max_new_tokens=4))
         assert hang.seen.wait(30)
         wait_for(lambda: health(server.target) == NOT_SERVING, timeout=5, what="health NOT_SERVING")
         assert not server.engine.is_healthy
+        # The call in flight is answered once the watchdog trips, UNAVAILABLE (another
+        # replica may serve it), rather than left to wait for its deadline (60 s here).
+        with pytest.raises(TextGenerationError) as caught:
+            stuck.result(10)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "stalled" in caught.value.message
+        assert time.monotonic() - began < 10
         # New calls are refused at once rather than queued behind the stuck step.
         began = time.monotonic()
         with pytest.raises(TextGenerationError) as caught:
@@ -175,10 +183,12 @@ def test_the_watchdog_notices_a_step_that_never_returns(make_server):
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - began < 1.0
 
-        # The step returns after all: the engine recovers and health follows.
+        # The step returns after all: the answered request is aborted (its KV blocks come
+        # back), the engine serves again and health follows.
         hang.release()
-        assert stuck.result(30).usage.completion_tokens == 4
         wait_for(lambda: health(server.target) == SERVING, timeout=5, what="health SERVING again")
+        wait_for(lambda: server.engine.stats().kv_blocks_used == 0, timeout=5, what="every KV block back")
+        assert server.engine.stats().running == 0 and step_loop(server.engine).num_in_flight == 0
         assert client.generate(PROMPTS[1], max_new_tokens=4).usage.completion_tokens == 4
 
 
