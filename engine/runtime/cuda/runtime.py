@@ -81,6 +81,8 @@ class CudaRuntime(ModelRuntime):
         self._layer_caches: list[torch.Tensor] = []
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graph_tokens = sorted(set(config.prefill_graph_tokens))
+        # Decode rows a prefill graph may hold beside its prompt: none, or a decode bucket.
+        self._prefill_graph_rows = [0] + [b for b in self.buckets if b <= PREFILL_GRAPH_MAX_DECODES]
         # (decode rows, prompt tokens) -> (graph, logits [rows + 1, vocab], the rows it takes them from)
         self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
@@ -151,8 +153,8 @@ class CudaRuntime(ModelRuntime):
             return self._eager(batch)
 
     def _prefill_graph_shape(self, batch: ForwardBatch) -> tuple[int, int] | None:
-        buckets = [0] + [b for b in self.buckets if b <= PREFILL_GRAPH_MAX_DECODES]
-        return prefill_graph_shape(batch, buckets, self.prefill_graph_tokens, self.spec.sliding_window)
+        return prefill_graph_shape(batch, self._prefill_graph_rows, self.prefill_graph_tokens,
+                                   self.spec.sliding_window)
 
     def _splits(self, rows: int) -> int:
         return decode_splits(rows, self.spec.num_key_value_heads, self.max_model_len, num_sms(self.device))
@@ -319,8 +321,7 @@ class CudaRuntime(ModelRuntime):
                 for rows in reversed(self.buckets):
                     if rows not in self._graphs:
                         self._capture(rows)
-                buckets = [0] + [b for b in self.buckets if b <= PREFILL_GRAPH_MAX_DECODES]
-                for rows in reversed(buckets):
+                for rows in reversed(self._prefill_graph_rows):
                     for tokens in reversed(self.prefill_graph_tokens):
                         if (rows, tokens) not in self._prefill_graphs:
                             self._capture_prefill(rows, tokens)
