@@ -20,6 +20,11 @@ start, and a reader thread hands each batch of outputs to the requests' sinks.
 Messages: parent -> child ("add", request_id, prompt token ids, params), ("abort",
 request_id), ("stop",); child -> parent ("ready", StartReport) or ("failed", exception,
 traceback) once, then (outputs, stats or None, dead_reason or None) per step.
+
+Logs: the child's records (at the parent's level or above) go up a queue of their own and
+a thread of the parent hands each to the logger of its name, so they reach the parent's
+handlers (a server's log file or collector) marked "[engine process]", rather than only
+the child's stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import atexit
 import dataclasses
 import itertools
 import logging
+import logging.handlers
 import multiprocessing
 import signal
 import threading
@@ -85,8 +91,10 @@ class ProcessEngineLoop:
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
         level = logging.getLogger().getEffectiveLevel()
+        self._logs = context.Queue()
+        threading.Thread(target=_relay_logs, args=(self._logs,), name="textgen-engine-logs", daemon=True).start()
         # daemon: multiprocessing's exit handler ends it if everything else failed.
-        self._process = context.Process(target=_child_main, args=(builder, child_end, level),
+        self._process = context.Process(target=_child_main, args=(builder, child_end, level, self._logs),
                                         name="textgen-engine", daemon=True)
         try:
             self._process.start()  # pickles the builder
@@ -103,6 +111,7 @@ class ProcessEngineLoop:
         except BaseException:
             self._finalizer()
             self._conn.close()
+            self._logs.put(None)  # the child has exited: its records are in; the relay ends
             raise
         self.limits = self.report.limits
         config = self.report.config
@@ -272,6 +281,7 @@ class ProcessEngineLoop:
 
     def _on_child_exit(self) -> None:
         self._closed.set()
+        self._logs.put(None)  # after the child's own records (it has exited): the relay ends
         with self._lock:
             if not (self._stopping or self._reaped.is_set()) and self.dead_reason is None:
                 self.dead_reason = f"the engine process {_exit_text(self._process.exitcode)}"
@@ -313,12 +323,32 @@ def _reap(process, conn: Connection, reaped: threading.Event) -> None:
 # ---- the child process ----------------------------------------------------------------
 
 
-def _child_main(builder: Callable, conn: Connection, log_level: int) -> None:
+def _relay_logs(logs) -> None:
+    """The parent's side of the log queue: each child record to the logger of its name."""
+    while True:
+        try:
+            record = logs.get()
+        except (EOFError, OSError):
+            return
+        if record is None:
+            return
+        logger_ = logging.getLogger(record.name)
+        if logger_.isEnabledFor(record.levelno):
+            logger_.handle(record)
+
+
+def _child_main(builder: Callable, conn: Connection, log_level: int, logs) -> None:
     # Ctrl-C in a terminal, and some supervisors' SIGTERM, reach the whole process group:
     # the parent drains its calls and then stops us, or we stop when its end of the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine process]: %(message)s")
+    # Every record to the parent (see _relay_logs), its message and any traceback already
+    # formatted here, where the exception lives.
+    to_parent = logging.handlers.QueueHandler(logs)
+    to_parent.setFormatter(logging.Formatter("[engine process] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [to_parent]
+    root.setLevel(log_level)
     try:
         engine = builder()
         runtime = engine.runtime

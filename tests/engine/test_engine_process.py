@@ -7,6 +7,7 @@ share one per module and only the ones that stop or break a child start their ow
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -292,6 +293,31 @@ def test_a_child_that_cannot_build_its_engine_raises_its_error_here(tiny_llama):
     # The child is gone and reaped (multiprocessing's resource tracker may stay, as it does).
     left = [p for p in psutil.Process().children() if p.pid not in before]
     assert [p for p in left if "resource_tracker" not in " ".join(p.cmdline())] == []
+
+
+def test_the_childs_logs_reach_the_parents_handlers(tiny_llama, caplog):
+    """The child's records go through the parent's logging (here pytest's handler), marked
+    as the engine process's, with the level the parent had when it started the child;
+    a build that fails is logged there too, traceback included."""
+    caplog.set_level(logging.INFO)
+    engine = AsyncEngine.from_pretrained(tiny_llama, engine_process=True, num_kv_blocks=64, block_size=16)
+    try:
+        def from_child():
+            return [r for r in caplog.records if r.getMessage().startswith("[engine process] ")]
+
+        wait_for(from_child, timeout=10, what="a record from the child")
+        assert all(r.processName == "textgen-engine" for r in from_child())
+        assert any(r.name == "engine.factory" and "KV cache" in r.getMessage() for r in from_child())
+    finally:
+        asyncio.run(engine.shutdown())
+    caplog.clear()
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        AsyncEngine.from_pretrained(tiny_llama, engine_process=True, kv_cache_dtype="fp8", device="cpu")
+    def failure():
+        return [r for r in caplog.records if "could not build the engine" in r.getMessage()]
+
+    wait_for(failure, timeout=10, what="the child's record of its failed build")  # relayed by a thread
+    assert "Traceback" in failure()[0].getMessage() and failure()[0].levelno == logging.ERROR
 
 
 def test_tensor_parallel_is_refused_in_process_mode():

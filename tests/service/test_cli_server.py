@@ -3,11 +3,13 @@ SIGTERM that drains in-flight streams before the process exits."""
 
 from __future__ import annotations
 
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -37,14 +39,28 @@ class ServerProcess:
             [sys.executable, "-m", "service", "--model", str(model), "--port", "0", *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        # A thread reads the output, so that waiting for a line that never comes times out
+        # instead of blocking in readline() on a server that has gone quiet.
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         match = self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
         self.target = f"127.0.0.1:{match.group(1)}"
 
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # the output ended
+
     def wait_for_line(self, pattern: str, timeout: float = 120) -> re.Match:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self._lines.put(None)  # for the next caller
                 break
             self.log.append(line)
             if match := re.search(pattern, line):
@@ -57,13 +73,17 @@ class ServerProcess:
             return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
-        out, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, "".join(self.log) + out
+        self.proc.wait(timeout=timeout)
+        self._reader.join(10)
+        while (line := self._lines.get(timeout=10)) is not None:
+            self.log.append(line)
+        self._lines.put(None)
+        return self.proc.returncode, "".join(self.log)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+            self.proc.wait()
 
 
 @pytest.fixture
@@ -150,8 +170,8 @@ def test_engine_process_streams_like_the_thread_and_its_child_ends_with_the_serv
     # No --engine-process: a server steps its engine in a child process by default.
     server = ServerProcess(tiny_llama, "--num-kv-blocks", "64")
     try:
-        # The child logs through the server's stderr, marked as the engine process's.
-        server.wait_for_line(r"\[engine process\]: KV cache: 64 blocks")
+        # The child's records go through the server's own logging, marked as the engine process's.
+        server.wait_for_line(r"engine\.factory: \[engine process\] KV cache: 64 blocks")
         server.wait_for_line(r"SERVING on")
         spawned = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(spawned) == 1
