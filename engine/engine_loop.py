@@ -118,6 +118,17 @@ def last_output(request_id: str, prompt_tokens: int, reason: FinishReason, error
     )
 
 
+def end_requests(requests: dict[str, tuple[Sink, int]], reason: FinishReason, error: str | None = None,
+                 engine_stopped: bool = False) -> None:
+    """Give each request (id -> (sink, prompt length)) its last_output; a broken sink
+    does not stop the others."""
+    for request_id, (sink, prompt_len) in requests.items():
+        try:
+            sink(last_output(request_id, prompt_len, reason, error, engine_stopped))
+        except Exception:  # noqa: BLE001 - a broken sink must not stop the others
+            logger.exception("sink failed for %s", request_id)
+
+
 def watchdog_period(timeout_s: float) -> float:
     """How often a watchdog looks: often enough to answer within a quarter of its timeout."""
     return min(1.0, max(0.02, timeout_s / 4))
@@ -199,8 +210,11 @@ class EngineLoop:
     def is_healthy(self) -> bool:
         if self.dead_reason is not None or self._stalled:
             return False
-        stuck = self.busy and time.monotonic() - self.last_progress > self.watchdog_timeout_s
-        return not stuck
+        return not self._step_overdue()
+
+    def _step_overdue(self) -> bool:
+        """A step has been running for longer than watchdog_timeout_s."""
+        return self.busy and time.monotonic() - self.last_progress > self.watchdog_timeout_s
 
     def stats(self) -> EngineStats:
         engine = self.engine
@@ -228,7 +242,7 @@ class EngineLoop:
     # ---- the watchdog thread ------------------------------------------------------------
     def _watch(self) -> None:
         while not self._closed.wait(watchdog_period(self.watchdog_timeout_s)):
-            if self.busy and not self._stalled and time.monotonic() - self.last_progress > self.watchdog_timeout_s:
+            if not self._stalled and self._step_overdue():
                 self._fail_in_flight()
 
     def _fail_in_flight(self) -> None:
@@ -241,11 +255,7 @@ class EngineLoop:
             self._dropped.update(failed)
         message = f"the engine stalled: no step has finished for {self.watchdog_timeout_s:g} s"
         logger.error("%s; ending the %d requests in flight", message, len(failed))
-        for request_id, (sink, prompt_len) in failed.items():
-            try:
-                sink(last_output(request_id, prompt_len, FinishReason.ERROR, message, engine_stopped=True))
-            except Exception:  # noqa: BLE001 - a broken sink must not stop the others
-                logger.exception("sink failed for %s", request_id)
+        end_requests(failed, FinishReason.ERROR, message, engine_stopped=True)
 
     # ---- the loop thread --------------------------------------------------------------
     def _apply_commands(self) -> None:
@@ -308,10 +318,5 @@ class EngineLoop:
             self.dead_reason = reason
             pending = [p for k, p in self._commands if k == "add"]
             self._commands.clear()
-        requests = list(self.engine.requests.values()) + pending
-        for request in requests:
-            try:
-                request.sink(last_output(request.request_id, request.prompt_len, FinishReason.ERROR,
-                                         f"the engine stopped: {reason}", engine_stopped=True))
-            except Exception:  # noqa: BLE001 - a broken sink must not stop the others
-                logger.exception("sink failed for %s", request.request_id)
+        requests = {r.request_id: (r.sink, r.prompt_len) for r in [*self.engine.requests.values(), *pending]}
+        end_requests(requests, FinishReason.ERROR, f"the engine stopped: {reason}", engine_stopped=True)

@@ -51,6 +51,7 @@ from engine.engine_loop import (
     EngineLoop,
     Sink,
     admit,
+    end_requests,
     last_output,
     validate_request,
     watchdog_period,
@@ -188,10 +189,12 @@ class ProcessEngineLoop:
     def is_healthy(self) -> bool:
         if self.dead_reason is not None or self._stalled:
             return False
-        # The child sends a message every step while it has work, so silence with requests
-        # in flight means a step that does not return (EngineLoop's watchdog, from outside).
-        stuck = bool(self._sinks) and time.monotonic() - self._last_heard > self.watchdog_timeout_s
-        return not stuck
+        return not self._silent_too_long()
+
+    def _silent_too_long(self) -> bool:
+        """The child sends a message every step while it has work, so silence with requests
+        in flight means a step that does not return (EngineLoop's watchdog, from outside)."""
+        return bool(self._sinks) and time.monotonic() - self._last_heard > self.watchdog_timeout_s
 
     def stats(self) -> EngineStats:
         """The child's figures as of its last step; waiting and health as the parent sees them."""
@@ -217,8 +220,7 @@ class ProcessEngineLoop:
     # ---- the watchdog thread ------------------------------------------------------------
     def _watch(self) -> None:
         while not self._closed.wait(watchdog_period(self.watchdog_timeout_s)):
-            silent = time.monotonic() - self._last_heard > self.watchdog_timeout_s
-            if self._sinks and silent and not self._stalled and self.dead_reason is None:
+            if not self._stalled and self.dead_reason is None and self._silent_too_long():
                 self._fail_in_flight()
 
     def _fail_in_flight(self) -> None:
@@ -235,11 +237,7 @@ class ProcessEngineLoop:
                     break
         message = f"the engine stalled: the engine process has sent nothing for {self.watchdog_timeout_s:g} s"
         logger.error("%s; ending the %d requests in flight", message, len(failed))
-        for request_id, (sink, prompt_len) in failed.items():
-            try:
-                sink(last_output(request_id, prompt_len, FinishReason.ERROR, message, engine_stopped=True))
-            except Exception:  # noqa: BLE001 - a broken sink must not stop the others
-                logger.exception("sink failed for %s", request_id)
+        end_requests(failed, FinishReason.ERROR, message, engine_stopped=True)
 
     # ---- the reader thread ------------------------------------------------------------
     def _read(self) -> None:
@@ -287,16 +285,10 @@ class ProcessEngineLoop:
                 self.dead_reason = f"the engine process {_exit_text(self._process.exitcode)}"
                 logger.error("%s", self.dead_reason)
             left, self._sinks = self._sinks, {}
-        for request_id, (sink, prompt_len) in left.items():
-            if self.dead_reason is not None:
-                output = last_output(request_id, prompt_len, FinishReason.ERROR, f"the engine stopped: {self.dead_reason}",
-                                     engine_stopped=True)
-            else:  # shut down before the child could abort it
-                output = last_output(request_id, prompt_len, FinishReason.ABORTED)
-            try:
-                sink(output)
-            except Exception:  # noqa: BLE001
-                logger.exception("sink failed for %s", request_id)
+        if self.dead_reason is not None:
+            end_requests(left, FinishReason.ERROR, f"the engine stopped: {self.dead_reason}", engine_stopped=True)
+        else:  # shut down before the child could abort them
+            end_requests(left, FinishReason.ABORTED)
 
 
 def _exit_text(code: int | None) -> str:

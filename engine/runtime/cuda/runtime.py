@@ -274,13 +274,7 @@ class CudaRuntime(ModelRuntime):
         self._pos[rows : rows + tokens].zero_()
         self._live_rows = rows + tokens
         logits_rows = torch.arange(rows + 1, device=self.device)
-        self._prefill_step(rows, tokens, logits_rows)
-        torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._prefill_step(rows, tokens, logits_rows)
+        graph, logits = self._record(lambda: self._prefill_step(rows, tokens, logits_rows))
         self._prefill_graphs[(rows, tokens)] = (graph, logits, logits_rows)
         self.capture_seconds += time.perf_counter() - start
         logger.info("captured the prefill CUDA graph for %d decode rows and %d prompt tokens in %.2f s", rows, tokens,
@@ -293,18 +287,24 @@ class CudaRuntime(ModelRuntime):
         saved = self._slots[:rows].clone(), self._ctx[:rows].clone()
         self._slots[:rows].fill_(-1)
         self._ctx[:rows].zero_()
-        self._static_step(rows)
-        torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._static_step(rows)
+        graph, logits = self._record(lambda: self._static_step(rows))
         self._slots[:rows].copy_(saved[0])
         self._ctx[:rows].copy_(saved[1])
         self._graphs[rows] = (graph, logits)
         self.capture_seconds += time.perf_counter() - start
         logger.info("captured the decode CUDA graph for batch %d in %.2f s", rows, time.perf_counter() - start)
+
+    def _record(self, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Run `step` once (kernel compilation, cuBLAS and attention plans), then capture it
+        into a graph that shares every other graph's memory pool; its output buffer too."""
+        step()
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()
+        return graph, out
 
     def drop_graphs(self) -> None:
         """Forget the captured graphs; later captures go to a new memory pool. (Capturing
