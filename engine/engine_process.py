@@ -57,7 +57,7 @@ from engine.engine_loop import (
     watchdog_period,
 )
 from engine.errors import EngineDeadError
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, freeze_startup_objects
 from engine.model_info import EngineStats
 from engine.outputs import FinishReason, RequestOutput
 from engine.params import GenerationRequest
@@ -360,6 +360,7 @@ def _child_main(builder: Callable, conn: Connection, log_level: int, logs) -> No
         except Exception:  # noqa: BLE001 - the exception does not pickle: its text does
             conn.send(("failed", None, traceback.format_exc()))
         raise SystemExit(1) from None
+    freeze_startup_objects()  # this process serves until it exits
     conn.send(("ready", report))
     _Child(engine, conn).serve()
 

@@ -176,6 +176,24 @@ def raise_gc_threshold(gen0: int | None) -> None:
         logger.info("garbage-collection threshold (generation 0) raised from %d to %d", current[0], gen0)
 
 
+def freeze_startup_objects() -> int:
+    """For a process that serves until it exits (the engine's child process, the gRPC
+    server's): collect once, then move every object alive now (modules, the model's and
+    the runtime's Python objects) into the collector's permanent generation, so that its
+    full collections scan only what serving allocated since. Measured on the H100 with the
+    7B model (bench/serve_bench.py): before the freeze, full collections took 29 to 163 ms
+    in the engine process (287,000 objects alive after start-up) and 27 to 92 ms in the
+    server's (182,000), each a stall of the step loop or of the server's event loop; they
+    are rare (Python runs one when the objects that survived since the last one reach a
+    quarter of those it holds), but a long-running server meets them. Returns the objects
+    frozen."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.info("garbage collector: %d objects alive after start-up frozen out of its full collections", frozen)
+    return frozen
+
+
 def _needs_host_tokens(request: Request) -> bool:
     """Whether the request's next step needs this step's tokens on the host: beam steps,
     a first token that forks the request, and penalties that read the token history."""

@@ -74,15 +74,23 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
     # One host tensor, one copy: on CUDA from pinned memory without blocking, so building
     # a step's inputs never waits for the device. Packed through an array of int64 rather
     # than torch.tensor(list): four times faster, 0.5 ms a step at 256 rows.
+    # Each part starts at a multiple of 16 bytes (an odd-length part is followed by one
+    # unused int64): Triton specializes kernels on their pointers' 16-byte alignment, and
+    # views at offsets that changed from step to step made kernels compile again while
+    # serving (0.2 to 1.4 s stalls of the step loop on the H100, docs/benchmarks.md).
     host = array.array("q")
+    sizes = []
     for part in parts:
         host.extend(part)
+        sizes.append(len(part) + len(part) % 2)
+        if len(part) % 2:
+            host.append(0)
     packed = torch.frombuffer(host, dtype=torch.int64)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     elif packed.device != device:
         packed = packed.to(device)
-    views = list(packed.split([len(p) for p in parts]))
+    views = [view[: len(part)] for view, part in zip(packed.split(sizes), parts)]
     if feed_to:
         views[0].index_copy_(0, views[6], inflight.tokens.index_select(0, views[7]))
 

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clients.textgen.v1 import text_generation_service_pb2, text_generation_service_pb2_grpc
 from engine.async_engine import AsyncEngine
+from engine.llm_engine import freeze_startup_objects
 from engine.params import GenerationRequest
 from service.auth import AuthConfigError, BearerTokenInterceptor, load_tokens
 from service.metrics import ServiceMetrics
@@ -230,6 +231,8 @@ async def serve(options) -> int:
     if failed:
         logger.error("could not load the model", exc_info=loading.exception())
     else:
+        if loading.done():  # loaded and serving: this process serves until it exits
+            freeze_startup_objects()
         await stopping
     loading.cancel()
     await server.drain()

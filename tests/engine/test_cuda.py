@@ -851,6 +851,28 @@ def test_greedy_kernel_equals_argmax_and_log_softmax(vocab):
 
 
 @cuda_only
+def test_compile_watch_sees_the_compilations_of_triton_on_this_machine():
+    """The hooks compile_watch chains into Triton are called by this Triton: a kernel
+    compiled for a new constant shows up with that constant."""
+    import triton
+    import triton.language as tl
+
+    from engine.runtime.cuda import compile_watch
+
+    @triton.jit
+    def _watched_probe(x_ptr, VALUE: tl.constexpr):
+        tl.store(x_ptr, VALUE)
+
+    compile_watch.install()
+    x = torch.zeros(1, device=DEVICE)
+    _watched_probe[(1,)](x, VALUE=7)
+    torch.cuda.synchronize()
+    assert x.item() == 7
+    seen = {name: spec for name, spec in compile_watch.WATCH._last.items() if name.endswith("_watched_probe")}
+    assert [spec["VALUE"] for spec in seen.values()] == ["=7"]
+
+
+@cuda_only
 def test_sampler_on_the_gpu_matches_the_cpu_for_greedy_rows():
     """Plain greedy rows take the fused kernel on the GPU; rows that need the full
     log-softmax (logprobs alternatives, penalties) do not. Same tokens and logprobs as on
@@ -890,3 +912,60 @@ def test_norm_and_silu_kernels_at_llama_shapes():
     x2 = torch.randn(128, 2 * 11008, generator=g, device="cuda").to(torch.bfloat16)
     ours, ref = silu_mul(x2), F.silu(x2[:, :11008]) * x2[:, 11008:]
     assert (ours == ref).float().mean() > 0.99 and rel(ours, ref) < 1e-2
+
+
+SERVE_WITHOUT_COMPILING = """
+import sys
+import torch
+from engine.config import EngineConfig
+from engine.factory import build_engine
+from engine.generation_config import resolve_sampling_params
+from engine.runtime.cuda import compile_watch
+from engine.sequence import Request
+
+config = EngineConfig(block_size=4, max_num_seqs=16, num_kv_blocks=1024, capture_graphs_at_start=True)
+engine = build_engine(sys.argv[1], config, False, "bfloat16", "cuda")
+assert compile_watch.WATCH.warm
+g = torch.Generator().manual_seed(5)
+
+
+def add(name, length, new_tokens):
+    prompt = torch.randint(3, 49152, (length,), generator=g).tolist()
+    params = resolve_sampling_params({}, None, prompt_len=length, max_model_len=engine.max_model_len,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    engine.add_request(Request(name, prompt, params, lambda output: None))
+
+
+# A long stream whose block table grows past 16, 32 and 64 blocks (widths divisible by 16
+# and not); beside it, every 23 steps, two or three prompts of odd and even lengths that
+# arrive together (a step no graph takes: it runs eagerly, its decode rows beside the
+# prompts, its packed inputs at offsets of every parity).
+add("long", 7, 330)
+for step in range(330):
+    if step % 23 == 1:
+        for k in range(2 + step % 2):
+            add(f"s{step}-{k}", 5 + k + step % 4, 30)
+    engine.step()
+while engine.has_work:
+    engine.step()
+print("compiled while serving:", compile_watch.WATCH.compiled_while_serving)
+"""
+
+
+@cuda_only
+def test_serving_after_the_warm_up_compiles_no_kernel(tmp_path):
+    """After the runtime's warm-up, eager steps (prompts that arrive together, decode rows
+    beside them, block tables of any width) launch only kernels that are compiled already:
+    each compilation would stall the step loop (0.2 to 1.4 s on the H100). Run in a fresh
+    process with an empty Triton cache, so that no earlier test compiled anything for it."""
+    import subprocess
+    import sys
+
+    model, _ = tiny_model("llama", torch.bfloat16)
+    save_checkpoint_with_tokenizer(model, tmp_path / "model")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    done = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_COMPILING, str(tmp_path / "model")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(
+                              os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled while serving: 0" in done.stdout, (done.stdout + done.stderr)[-3000:]

@@ -172,7 +172,12 @@ def test_engine_process_streams_like_the_thread_and_its_child_ends_with_the_serv
     try:
         # The child's records go through the server's own logging, marked as the engine process's.
         server.wait_for_line(r"engine\.factory: \[engine process\] KV cache: 64 blocks")
+        # Both processes serve until they exit: each freezes its start-up objects out of the
+        # garbage collector's full collections (engine.llm_engine.freeze_startup_objects).
+        child = server.wait_for_line(r"\[engine process\] garbage collector: (\d+) objects alive after start-up")
         server.wait_for_line(r"SERVING on")
+        parent = server.wait_for_line(r"llm_engine: garbage collector: (\d+) objects alive after start-up")
+        assert int(child.group(1)) > 10_000 and int(parent.group(1)) > 10_000  # modules and the model, at least
         spawned = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(spawned) == 1
         options = dict(max_new_tokens=16, ignore_eos=True)

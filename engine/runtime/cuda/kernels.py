@@ -745,7 +745,10 @@ def _attend_token(q, k, v, take, m_i, l_i, acc, qk_scale, dt: tl.constexpr, F32_
     return m_new, l_i, acc * alpha[:, None] + p[:, None] * v.to(dt).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+# Not specialized on the block table's width (stride_table), which follows the step's
+# longest context in eager steps: each new value's divisibility by 16 was a compilation
+# while serving (see fill_decode_inputs).
+@triton.jit(do_not_specialize=["num_splits", "stride_table"])
 def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                          pos_ptr, slot_ptr, rope_ptr, num_positions,
                          stride_q, stride_out, stride_table, stride_block, qk_scale, window, num_splits,

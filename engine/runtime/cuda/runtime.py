@@ -28,7 +28,8 @@ from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.models.weights import MissingWeightError
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
-from engine.runtime.cuda.kernels import decode_splits, fill_decode_inputs, num_sms
+from engine.runtime.cuda import compile_watch
+from engine.runtime.cuda.kernels import decode_splits, fill_decode_inputs, greedy_with_logprob, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
 from engine.runtime.cuda.prefill_graph import prefill_graph_shape
 from engine.runtime.kv_copy import copy_kv_blocks
@@ -55,6 +56,7 @@ class CudaRuntime(ModelRuntime):
         self.dtype = dtype
         self.device = torch.device(device)
         config = config or EngineConfig()
+        compile_watch.install()
         self.use_cuda_graphs = config.use_cuda_graphs and self.device.type == "cuda"
         self.max_model_len = max_model_len or spec.max_position_embeddings
         buckets = sorted(set(config.decode_buckets))
@@ -306,6 +308,29 @@ class CudaRuntime(ModelRuntime):
             out = step()
         return graph, out
 
+    def _warm_eager_steps(self) -> None:
+        """Run the eager step's kernel variants once: two prompts beside one, two or three
+        decode rows (the decode attention's launch mode follows the row count), over
+        contexts of one block and of max_model_len (one context split, or several). The
+        graphs' captures miss some of them: their split count follows max_model_len, an
+        eager step's its longest context. Nothing is written to the cache (slots -1)."""
+        prompt = 8
+
+        def new(*shape, fill=0):
+            return torch.full(shape, fill, dtype=torch.int64, device=self.device)
+
+        for rows in sorted({min(n, self.buckets[-1]) for n in (1, 2, 3)}):
+            for width in sorted({1, self.max_blocks}):
+                tokens = rows + 2 * prompt
+                batch = ForwardBatch(
+                    input_ids=new(tokens), positions=new(tokens), slot_mapping=new(tokens, fill=-1), num_decodes=rows,
+                    decode_block_tables=new(rows, width),
+                    decode_context_lens=new(rows, fill=min(width * self.block_size, self.max_model_len)),
+                    prefill_chunks=[(rows + i * prompt, prompt, prompt, [0] * -(-prompt // self.block_size))
+                                    for i in range(2)],
+                    logits_indices=torch.tensor([*range(rows), rows + prompt - 1, tokens - 1], device=self.device))
+                self._eager(batch)
+
     def drop_graphs(self) -> None:
         """Forget the captured graphs; later captures go to a new memory pool. (Capturing
         again into the old pool, once its graphs were gone, failed torch 2.11's caching
@@ -315,7 +340,9 @@ class CudaRuntime(ModelRuntime):
         self._pool = None
 
     def warm_up(self) -> None:
-        """Capture every decode bucket's and prefill shape's graph now instead of on first use."""
+        """Capture every decode bucket's and prefill shape's graph now instead of on first use
+        (which compiles the kernels that the eager steps use too), and compile the kernels
+        that run outside the graphs: the sampler's greedy choice and the static inputs' fill."""
         if self.use_cuda_graphs:
             with torch.inference_mode():
                 for rows in reversed(self.buckets):
@@ -325,4 +352,17 @@ class CudaRuntime(ModelRuntime):
                     for tokens in reversed(self.prefill_graph_tokens):
                         if (rows, tokens) not in self._prefill_graphs:
                             self._capture_prefill(rows, tokens)
+        if self.device.type == "cuda":
+            # For the logits of graph steps (model dtype) and of eager ones (float32): compiled
+            # now, not by the first request that samples them.
+            for dtype in dict.fromkeys((self.dtype, torch.float32)):
+                greedy_with_logprob(torch.zeros(1, self.spec.vocab_size, dtype=dtype, device=self.device))
+            if self.kv_cache is not None:  # the static inputs' fill, outside the graphs: row 0 onto itself
+                static = (self._ids, self._pos, self._slots, self._ctx, self._tables)
+                fill_decode_inputs(self._ids[:1], self._pos[:1], self._slots[:1], self._ctx[:1], self._tables[:1, :1],
+                                   static)
+                with torch.inference_mode():
+                    self._warm_eager_steps()
+        # From here on a Triton compilation stalls serving: compile_watch warns about each.
+        compile_watch.WATCH.mark_warm()
 
