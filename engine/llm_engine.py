@@ -181,9 +181,9 @@ def freeze_startup_objects() -> int:
     server's): collect once, then move every object alive now (modules, the model's and
     the runtime's Python objects) into the collector's permanent generation, so that its
     full collections scan only what serving allocated since. Measured on the H100 with the
-    7B model (bench/serve_bench.py): before the freeze, full collections took 29 to 163 ms
-    in the engine process (287,000 objects alive after start-up) and 27 to 92 ms in the
-    server's (182,000), each a stall of the step loop or of the server's event loop; they
+    7B model (bench/serve_bench.py): without it, full collections took 29 to 232 ms in the
+    engine process (287,000 objects alive after start-up) and 27 to 97 ms in the server's
+    (182,000), each a stall of the step loop or of the server's event loop; they
     are rare (Python runs one when the objects that survived since the last one reach a
     quarter of those it holds), but a long-running server meets them. Returns the objects
     frozen."""

@@ -79,10 +79,10 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
     # views at offsets that changed from step to step made kernels compile again while
     # serving (0.2 to 1.4 s stalls of the step loop on the H100, docs/benchmarks.md).
     host = array.array("q")
-    sizes = []
+    sizes = []  # each part's length, then its padding's (0 or 1)
     for part in parts:
         host.extend(part)
-        sizes.append(len(part) + len(part) % 2)
+        sizes += (len(part), len(part) % 2)
         if len(part) % 2:
             host.append(0)
     packed = torch.frombuffer(host, dtype=torch.int64)
@@ -90,7 +90,7 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
         packed = packed.pin_memory().to(device, non_blocking=True)
     elif packed.device != device:
         packed = packed.to(device)
-    views = [view[: len(part)] for view, part in zip(packed.split(sizes), parts)]
+    views = packed.split(sizes)[::2]
     if feed_to:
         views[0].index_copy_(0, views[6], inflight.tokens.index_select(0, views[7]))
 
