@@ -28,13 +28,16 @@ class CompileWatch:
         self._last: dict[str, dict[str, str]] = {}  # kernel name -> its latest compilation's specialization
         self._lock = threading.Lock()
 
-    def before(self, *, key, repr, fn, **_):
+    # Triton calls both hooks with keyword arguments: key (its cache key, a string), fn
+    # (the kernel's name and JITFunction), compile (signature, constants, attributes), and
+    # others that are not used here.
+    def before(self, *, key, fn, **_):
         with self._lock:
             self._started[(fn.name, str(key))] = time.perf_counter()
         return None  # None: Triton goes on and compiles
 
-    def after(self, *, key, repr, fn, compile=None, **_):
-        spec = specialization(list(getattr(fn.jit_function, "arg_names", [])), str(key), compile or {})
+    def after(self, *, key, fn, **kwargs):
+        spec = specialization(list(getattr(fn.jit_function, "arg_names", [])), str(key), kwargs.get("compile") or {})
         with self._lock:
             began = self._started.pop((fn.name, str(key)), None)
             previous = self._last.get(fn.name)
@@ -56,14 +59,14 @@ class CompileWatch:
             self.warm = True
 
 
-def specialization(names: list[str], key: str, compile: dict) -> dict[str, str]:
+def specialization(names: list[str], key: str, info: dict) -> dict[str, str]:
     """What one compilation of a kernel was specialized on, argument by argument: a
     compile-time constant's value ("=4"), or the argument's type with "/16" where Triton
     assumed it divisible by 16 (a pointer aligned to 16 bytes, an integer multiple of 16);
-    and the launch options (the tail of Triton's cache key)."""
-    signature = compile.get("signature") or {}
-    constants = compile.get("constants") or {}
-    attrs = (compile.get("configs") or [{}])[0] or {}
+    and the launch options (the tail of Triton's cache key). info: the hooks' `compile` argument."""
+    signature = info.get("signature") or {}
+    constants = info.get("constants") or {}
+    attrs = (info.get("configs") or [{}])[0] or {}
     spec = {}
     for i, name in enumerate(names):
         if (i,) in constants:
