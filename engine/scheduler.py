@@ -415,24 +415,22 @@ class Scheduler:
         sequences = []
         for i, hyp in enumerate(request.beam_search.finalize()):
             ids = tuple(hyp.token_ids)
-            reason = self._beam_finish_reason(request.params, ids)
+            reason = self._beam_finish_reason(request, ids)
             sequences.append(SequenceOutput(index=i, token_ids=ids, text=self._beam_text(request.params, ids),
                                             finish_reason=reason, cumulative_logprob=float(hyp.score)))
         request.beam_completion_tokens = sum(len(s.token_ids) for s in sequences)
         return self._request_output(request, sequences)
 
-    def _beam_finish_reason(self, params, token_ids: tuple[int, ...]) -> FinishReason:
-        """Why a finished hypothesis ended, with check_stop's precedence: its last token
-        an eos or stop token, else a stop string in its text, else its length. (A
-        hypothesis may also be a running beam that the search ended with.)"""
-        last = token_ids[-1] if token_ids else None
-        if last is not None and not params.ignore_eos and last in params.eos_token_ids:
-            return FinishReason.EOS
-        if last is not None and last in params.stop_token_ids:
-            return FinishReason.STOP_TOKEN
-        if self.text.has_stop_string(params, token_ids):
-            return FinishReason.STOP_STRING
-        return FinishReason.LENGTH
+    def _beam_finish_reason(self, request: Request, token_ids: tuple[int, ...]) -> FinishReason:
+        """Why a finished hypothesis ended, by check_stop on its last token: an eos or stop
+        token, else a stop string in its text, else its length. (A hypothesis may also be a
+        running beam that the search ended with: LENGTH.)"""
+        if not token_ids:
+            return FinishReason.LENGTH
+        params = request.params
+        reason = check_stop(token_ids[-1], len(token_ids), request.prompt_len + len(token_ids), params,
+                            self.max_model_len, self.text.has_stop_string(params, token_ids))
+        return reason or FinishReason.LENGTH
 
     def _beam_text(self, params, token_ids) -> str:
         return self.text.decode(params, token_ids) if params.needs_text else ""

@@ -208,8 +208,11 @@ class CudaRuntime(ModelRuntime):
         """Rows [0, n) of the static inputs from the step's n decode rows."""
         width = min(batch.decode_block_tables.shape[1], self.max_blocks)
         fill_decode_inputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
-                           batch.decode_block_tables[:, :width],
-                           (self._ids, self._pos, self._slots, self._ctx, self._tables))
+                           batch.decode_block_tables[:, :width], self._static_inputs())
+
+    def _static_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The graphs' input buffers, in fill_decode_inputs' order."""
+        return self._ids, self._pos, self._slots, self._ctx, self._tables
 
     def _pad_rows_from(self, n: int) -> None:
         """Rows from n on that an earlier step filled become padding again (no K/V write,
@@ -340,11 +343,12 @@ class CudaRuntime(ModelRuntime):
         self._pool = None
 
     def warm_up(self) -> None:
-        """Capture every decode bucket's and prefill shape's graph now instead of on first use
-        (which compiles the kernels that the eager steps use too), and compile the kernels
-        that run outside the graphs: the sampler's greedy choice and the static inputs' fill."""
-        if self.use_cuda_graphs:
-            with torch.inference_mode():
+        """Capture every decode bucket's and prefill shape's graph now instead of on first use,
+        and compile what the captures do not: the eager steps' kernel variants
+        (_warm_eager_steps) and the kernels outside the graphs (the sampler's greedy choice,
+        the static inputs' fill)."""
+        with torch.inference_mode():
+            if self.use_cuda_graphs:
                 for rows in reversed(self.buckets):
                     if rows not in self._graphs:
                         self._capture(rows)
@@ -352,16 +356,15 @@ class CudaRuntime(ModelRuntime):
                     for tokens in reversed(self.prefill_graph_tokens):
                         if (rows, tokens) not in self._prefill_graphs:
                             self._capture_prefill(rows, tokens)
-        if self.device.type == "cuda":
-            # For the logits of graph steps (model dtype) and of eager ones (float32): compiled
-            # now, not by the first request that samples them.
-            for dtype in dict.fromkeys((self.dtype, torch.float32)):
-                greedy_with_logprob(torch.zeros(1, self.spec.vocab_size, dtype=dtype, device=self.device))
-            if self.kv_cache is not None:  # the static inputs' fill, outside the graphs: row 0 onto itself
-                static = (self._ids, self._pos, self._slots, self._ctx, self._tables)
-                fill_decode_inputs(self._ids[:1], self._pos[:1], self._slots[:1], self._ctx[:1], self._tables[:1, :1],
-                                   static)
-                with torch.inference_mode():
+            if self.device.type == "cuda":
+                # For the logits of graph steps (model dtype) and of eager ones (float32):
+                # compiled now, not by the first request that samples them.
+                for dtype in dict.fromkeys((self.dtype, torch.float32)):
+                    greedy_with_logprob(torch.zeros(1, self.spec.vocab_size, dtype=dtype, device=self.device))
+                if self.kv_cache is not None:
+                    # The static inputs' fill, outside the graphs (row 0 onto itself), and the eager steps.
+                    fill_decode_inputs(self._ids[:1], self._pos[:1], self._slots[:1], self._ctx[:1],
+                                       self._tables[:1, :1], self._static_inputs())
                     self._warm_eager_steps()
         # From here on a Triton compilation stalls serving: compile_watch warns about each.
         compile_watch.WATCH.mark_warm()
