@@ -49,6 +49,14 @@ class EngineConfig:
     # attends to a later one, so the prompt's rows are computed as unpadded, though the
     # projections' matrix products may round differently at another row count. Empty: off.
     prefill_graph_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    # While at most this many requests wait, a step takes in one fresh prompt at most, when
+    # the runtime replays such steps from a graph (ModelRuntime.prompt_graph_limits; the
+    # CUDA runtime with prefill graphs). Two prompts in one step run eagerly, bound by the
+    # host: on the H100 (7B bf16, 16 req/s, docs/benchmarks.md) a step of two 128-token
+    # prompts beside 8 to 12 decode rows took 17 to 34 ms, against 2 to 6 ms for a graph
+    # step of one, and every running stream waited for it. From a longer queue, one eager
+    # step of many prompts finishes them sooner than one step each. 0: off.
+    single_prompt_max_waiting: int = 8
     # Capture every decode bucket's and prefill shape's CUDA graph while loading instead of
     # on first use (on the H100 about 0.1 to 4 s a decode graph and 0.1 to 0.2 s a prefill
     # graph, which a request would otherwise wait for). The server turns it on; in-process
@@ -90,6 +98,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.single_prompt_max_waiting < 0:
+            raise ValueError(f"single_prompt_max_waiting must be >= 0, got {self.single_prompt_max_waiting}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_dtype not in ("auto", "fp8"):

@@ -32,7 +32,8 @@ class LLMEngine:
         self.config = config
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager, max_model_len, TextLayer(tokenizer), self._generator)
+        self.scheduler = Scheduler(config, self.block_manager, max_model_len, TextLayer(tokenizer), self._generator,
+                                   prompt_graph=runtime.prompt_graph_limits)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.steps_total = 0

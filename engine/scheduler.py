@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.outputs import FinishReason, RequestOutput, SequenceOutput, TokenLogprob
+from engine.runtime.base import PromptGraphLimits
 from engine.sequence import Request, RequestStatus, Sequence
 from engine.stop import check_stop, reaches_length
 
@@ -78,8 +79,11 @@ class StepSamples:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, text, make_generator):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, text, make_generator,
+                 prompt_graph: PromptGraphLimits | None = None):
         self.config = config
+        # Which one-prompt steps the runtime replays from a graph (see _keeps_prompts_apart).
+        self.prompt_graph = prompt_graph
         self.blocks = block_manager
         self.max_model_len = max_model_len
         self.text = text  # engine.text.TextLayer: detokenizers and full decodes
@@ -165,6 +169,7 @@ class Scheduler:
             seq_slots -= len(plan)
 
         # Admit waiting requests in arrival order, unless this step had to preempt.
+        apart = self._keeps_prompts_apart(out)
         while self.waiting and not preempted and budget > 0 and seq_slots > 0:
             request = self.waiting[0]
             self._match_prefix(request)
@@ -187,11 +192,32 @@ class Scheduler:
             self.running.append(request)
             budget -= self._commit(request, plan, out)
             seq_slots -= len(plan)
+            if apart and self._graph_prompt(request, plan):
+                break  # the step's one prompt
 
         # One-token chunks go first: the runtime attends to them as one batched decode.
         out.scheduled.sort(key=lambda s: s.num_tokens != 1)
         out.num_decodes = sum(1 for s in out.scheduled if s.num_tokens == 1)
         return out
+
+    def _keeps_prompts_apart(self, out: SchedulerOutput) -> bool:
+        """Whether this step takes in one waiting prompt at most. A runtime that replays a
+        step of one fresh prompt from a graph runs a step of two eagerly; while few requests
+        wait (EngineConfig.single_prompt_max_waiting), each prompt's own graph step returns
+        its first token sooner than their shared eager step, and the running streams are
+        not held up by it. Only for a step that can still be such a graph step: every row
+        so far a decode, and few enough of them."""
+        limits = self.prompt_graph
+        return (limits is not None and 0 < len(self.waiting) <= self.config.single_prompt_max_waiting
+                and len(out.scheduled) <= limits.max_decodes and all(s.num_tokens == 1 for s in out.scheduled))
+
+    def _graph_prompt(self, request: Request, plan: Plan) -> bool:
+        """Whether the request just admitted makes the step one the runtime replays from a
+        graph: one sequence's whole prompt, no prefix from the cache, short enough."""
+        if len(plan) != 1:
+            return False
+        seq, n, _ = plan[0]
+        return seq.num_computed == 0 and n == seq.prompt_len <= self.prompt_graph.max_tokens
 
     def _match_prefix(self, request: Request) -> None:
         for seq in request.live_seqs:

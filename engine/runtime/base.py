@@ -61,12 +61,25 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S] int64
 
 
+@dataclass(frozen=True)
+class PromptGraphLimits:
+    """The steps a runtime replays from a captured graph although they hold a prompt: one
+    fresh prompt (no reused prefix, no earlier chunk) of up to `max_tokens` tokens beside
+    up to `max_decodes` decode rows. Other steps with a prompt run eagerly."""
+
+    max_tokens: int
+    max_decodes: int
+
+
 class ModelRuntime(abc.ABC):
     """Runs a model over a paged KV cache."""
 
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
+    # Set by runtimes that replay one-prompt steps from graphs (the scheduler then keeps
+    # prompts apart while few wait: EngineConfig.single_prompt_max_waiting).
+    prompt_graph_limits: PromptGraphLimits | None = None
 
     @abc.abstractmethod
     def kv_cache_bytes_per_block(self, block_size: int) -> int:

@@ -613,6 +613,9 @@ def test_prefill_graphs_equal_the_same_steps_eagerly(fp8, length):
     graphed, eager, unpadded = runtimes.values()
     assert sorted(graphed._prefill_graphs) == [(0, 16), (1, 16)]
     assert not eager._prefill_graphs and not unpadded._prefill_graphs
+    # What the scheduler is told (it keeps few waiting prompts to one a step for these graphs).
+    assert graphed.prompt_graph_limits.max_tokens == graphed.prefill_graph_tokens[-1]
+    assert eager.prompt_graph_limits is None and unpadded.prompt_graph_limits is None
     assert torch.equal(logits["graph"], logits["eager"])
     assert torch.equal(graphed.kv_cache.view(torch.uint8), eager.kv_cache.view(torch.uint8))
     assert torch.equal(written_slots(graphed), written_slots(unpadded))

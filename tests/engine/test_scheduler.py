@@ -16,6 +16,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import FinishReason
 from engine.params import SamplingParams
+from engine.runtime.base import PromptGraphLimits
 from engine.sampling.beam_search import BeamSearch
 from engine.sequence import Request
 from engine.tokenizer import TextTokenizer
@@ -337,3 +338,78 @@ def test_beam_search_ends_candidates_at_stop_strings(tokenizer):
         assert s.text == full[: full.index(stop)]
         assert stop not in tokenizer.decode(list(s.token_ids[:-1]), skip_special_tokens=True)
     assert_all_blocks_free(engine)
+
+
+class GraphPromptRuntime(FakeRuntime):
+    """A FakeRuntime that says it replays one-prompt steps from graphs (as the CUDA
+    runtime does) and records each step's (decode rows, prompts)."""
+
+    prompt_graph_limits = PromptGraphLimits(max_tokens=32, max_decodes=4)
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def execute(self, batch):
+        self.steps.append((batch.num_decodes, len(batch.prefill_chunks)))
+        return super().execute(batch)
+
+
+def prompts_per_step(runtime):
+    return [prompts for _, prompts in runtime.steps]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_few_waiting_prompts_go_in_one_per_step(tokenizer, overlap):
+    runtime = GraphPromptRuntime()
+    engine = make_engine(tokenizer, runtime=runtime, overlap_steps=overlap, single_prompt_max_waiting=3)
+    prompts = random_prompts(3, seed=20, lo=5, hi=30)
+    got = run(engine, [(0, f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)])
+    assert prompts_per_step(runtime)[:3] == [1, 1, 1]
+    assert runtime.steps[1][0] == 1 and runtime.steps[2][0] == 2  # the running ones decode meanwhile
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 6)
+    assert_all_blocks_free(engine)
+
+
+def test_a_longer_queue_goes_in_together(tokenizer):
+    runtime = GraphPromptRuntime()
+    engine = make_engine(tokenizer, runtime=runtime, single_prompt_max_waiting=3)
+    prompts = random_prompts(4, seed=21, lo=5, hi=30)
+    got = run(engine, [(0, f"r{i}", p, greedy(4)) for i, p in enumerate(prompts)])
+    assert prompts_per_step(runtime)[0] == 4
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 4)
+
+
+@pytest.mark.parametrize("case", ["off", "no graphs", "long prompt", "cached prefix", "many decodes"])
+def test_prompts_go_in_together_where_no_graph_step_is_won(tokenizer, case):
+    runtime = GraphPromptRuntime()
+    if case == "no graphs":
+        runtime.prompt_graph_limits = None
+    engine = make_engine(tokenizer, runtime=runtime, single_prompt_max_waiting=0 if case == "off" else 8)
+    prompts = random_prompts(2, seed=22, lo=5, hi=30)
+    arrivals = [(0, f"r{i}", p, greedy(4)) for i, p in enumerate(prompts)]
+    if case == "long prompt":  # the first prompt is longer than any prompt graph
+        prompts[0] = random_prompts(1, seed=23, lo=40, hi=40)[0]
+        arrivals[0] = (0, "r0", prompts[0], greedy(4))
+    if case == "cached prefix":  # 12 of the first prompt's 14 tokens are in the cache
+        prompts[0] = random_prompts(1, seed=25, lo=14, hi=14)[0]
+        arrivals[0] = (0, "r0", prompts[0], greedy(4))
+        run(engine, [(0, "warm", prompts[0], greedy(1))])
+        runtime.steps.clear()
+    if case == "many decodes":  # five running streams: more decode rows than a prompt graph holds
+        arrivals = [(0, f"d{i}", p, greedy(12)) for i, p in enumerate(random_prompts(5, seed=24))] + \
+                   [(3, f"r{i}", p, greedy(4)) for i, p in enumerate(prompts)]
+    got = run(engine, arrivals)
+    first_prompt_step = next(prompts for decodes, prompts in runtime.steps if prompts and
+                             (case != "many decodes" or decodes == 5))
+    assert first_prompt_step == 2
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 4)
+    assert_all_blocks_free(engine)
+
+
+def test_single_prompt_max_waiting_must_not_be_negative():
+    with pytest.raises(ValueError, match="single_prompt_max_waiting"):
+        EngineConfig(single_prompt_max_waiting=-1)

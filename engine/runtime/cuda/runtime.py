@@ -27,7 +27,7 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.models.weights import MissingWeightError
-from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec
+from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec, PromptGraphLimits
 from engine.runtime.cuda import compile_watch
 from engine.runtime.cuda.kernels import decode_splits, fill_decode_inputs, greedy_with_logprob, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
@@ -87,6 +87,8 @@ class CudaRuntime(ModelRuntime):
         self._prefill_graph_rows = [0] + [b for b in self.buckets if b <= PREFILL_GRAPH_MAX_DECODES]
         # (decode rows, prompt tokens) -> (graph, logits [rows + 1, vocab], the rows it takes them from)
         self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        if self.use_cuda_graphs and self.prefill_graph_tokens and spec.sliding_window is None:
+            self.prompt_graph_limits = PromptGraphLimits(self.prefill_graph_tokens[-1], self._prefill_graph_rows[-1])
         self._pool = None
         self.capture_seconds = 0.0
 
