@@ -444,10 +444,10 @@ def build_hf():
 
 
 @section("ours bf16 build")
-def build_ours(hf, fp8=False, kv8=False):
+def build_ours(hf, fp8=False, kv8=False, **overrides):
     weights = dict(hf.state_dict())
     start = time.perf_counter()
-    runtime, config, max_model_len = make_runtime(spec_for(LLAMA2_7B), weights, fp8=fp8, kv8=kv8)
+    runtime, config, max_model_len = make_runtime(spec_for(LLAMA2_7B), weights, fp8=fp8, kv8=kv8, **overrides)
     sync()
     say(f"built in {time.perf_counter() - start:.1f} s; weights {runtime.model.weight_bytes() / 1e9:.2f} GB "
         f"(fp8={runtime.fp8_enabled}, KV cache {str(runtime.kv_dtype).removeprefix('torch.')})")
@@ -1088,6 +1088,33 @@ def prefill_graph_compare(engine, label, lengths=(128, 100, 300), rounds=5, max_
 
 
 @section("ours")
+@section("greedy with min_new_tokens: the fused kernel against the processors")
+def sampler_compare(engine, label, rounds=3, new_tokens=256, prompt_len=128, max_model_len=4096):
+    """Batch-1 runs as bench_ours times them (greedy, min_new_tokens = max_new_tokens, so
+    every step masks the eos id), alternately: the fused greedy kernel skipping the banned
+    ids, and the processors' path every such step took before (sampler._FUSED_GREEDY off).
+    A fresh prompt each run (no prefix-cache hit)."""
+    from engine.sampling import sampler
+
+    rates = {True: [], False: []}
+    seed = 70_000  # prompts of their own: prefill_graph_compare's (from 7000) must not be cached
+    for _ in range(rounds):
+        for fused in (True, False):
+            sampler._FUSED_GREEDY = fused
+            seed += 1
+            try:
+                elapsed, _ = run_offline(engine, prompts_for(1, prompt_len, 32000, seed=seed), new_tokens,
+                                         max_model_len)
+            finally:
+                sampler._FUSED_GREEDY = True
+            rates[fused].append(new_tokens / elapsed)
+    fused, apart = (sorted(rates[f])[len(rates[f]) // 2] for f in (True, False))
+    say(f"{label} batch 1: fused greedy kernel {', '.join(f'{r:.1f}' for r in rates[True])} tok/s; processors "
+        f"{', '.join(f'{r:.1f}' for r in rates[False])} tok/s; medians {fused:.1f} / {apart:.1f} "
+        f"({fused / apart:.3f})")
+    RESULTS[f"sampler_{label}_b1"] = {"fused": rates[True], "processors": rates[False]}
+
+
 def bench_ours(engine, label, batch, new_tokens=256, prompt_len=128, max_model_len=4096, repeats=3):
     # Fresh prompts for every run: a repeated prompt would be served from the prefix cache.
     seed = 100 * batch
@@ -1323,6 +1350,8 @@ def summary():
                  f"{ratio(r.get('ours_bf16_b1'), roof)} |")
     lines.append(f"| ours FP8 weights | {fmt(r.get('ours_fp8_b1'))} | {fmt(r.get('ours_fp8_b32'))} | "
                  f"{ratio(r.get('ours_fp8_b1'), roof)} (FP8 roofline {fmt(roof8)}: {ratio(r.get('ours_fp8_b1'), roof8)}) |")
+    lines.append(f"| ours FP8 weights and FP8 LM head (fp8_lm_head) | {fmt(r.get('ours_fp8+head_b1'))} | | "
+                 f"{ratio(r.get('ours_fp8+head_b1'), roof)} (FP8 roofline: {ratio(r.get('ours_fp8+head_b1'), roof8)}) |")
     lines.append(f"| ours bf16 weights, FP8 KV cache | {fmt(r.get('ours_bf16+kv8_b1'))} | "
                  f"{fmt(r.get('ours_bf16+kv8_b32'))} | {ratio(r.get('ours_bf16+kv8_b1'), roof)} |")
     offline = {k.removeprefix("offline_8b_"): v["output_tok_s"] for k, v in r.items() if k.startswith("offline_8b_")}
@@ -1366,6 +1395,8 @@ def main():
                     help="only the 2-row projection configs, PDL and step times at 1 to 8 rows (7B shape)")
     ap.add_argument("--kernels", action="store_true",
                     help="only the isolated 8B decode attention and quantization timings")
+    ap.add_argument("--no-compares", action="store_true",
+                    help="skip the A/B and tile sections (PDL, attention, order, launch, tiles) of the 7B run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -1399,12 +1430,13 @@ def main():
         engine, _ = make_engine(runtime, config, max_model_len, num_blocks=1000)
         check_logits(hf, runtime)
         check_graphs(runtime)
-        pdl_compare(runtime, "bf16")
-        attention_compare(runtime, "bf16")
-        order_compare(runtime, "bf16")
-        launch_compare(runtime, "bf16")
-        tune_in_model(runtime, "bf16")
-        tune_small_batches(runtime, "bf16")
+        if not args.no_compares:
+            pdl_compare(runtime, "bf16")
+            attention_compare(runtime, "bf16")
+            order_compare(runtime, "bf16")
+            launch_compare(runtime, "bf16")
+            tune_in_model(runtime, "bf16")
+            tune_small_batches(runtime, "bf16")
         step_time(runtime, "bf16", rows_list=(1, 2, 4, 8, 32))
     built8 = build_ours(hf, fp8=True)
     runtime8 = engine8 = None
@@ -1412,12 +1444,13 @@ def main():
         runtime8, config8, _ = built8
         engine8, _ = make_engine(runtime8, config8, max_model_len, num_blocks=800)
         check_fp8(runtime, runtime8)
-        pdl_compare(runtime8, "fp8")
-        attention_compare(runtime8, "fp8")
-        order_compare(runtime8, "fp8")
-        launch_compare(runtime8, "fp8")
-        tune_in_model(runtime8, "fp8")
-        tune_small_batches(runtime8, "fp8")
+        if not args.no_compares:
+            pdl_compare(runtime8, "fp8")
+            attention_compare(runtime8, "fp8")
+            order_compare(runtime8, "fp8")
+            launch_compare(runtime8, "fp8")
+            tune_in_model(runtime8, "fp8")
+            tune_small_batches(runtime8, "fp8")
         step_time(runtime8, "fp8", rows_list=(1, 2, 4, 8, 32))
     if not args.skip_hf_bench:
         bench_hf(hf, 1)
@@ -1429,11 +1462,21 @@ def main():
         bench_ours(engine, "bf16", 32)
     if built8 and built:
         bench_ours(engine8, "fp8", 1)
+        sampler_compare(engine8, "fp8")
         prefill_graph_compare(engine8, "fp8")
         step_gaps(engine8, "fp8")
         bench_ours(engine8, "fp8", 32, repeats=1)
-    engine8 = runtime8 = built8 = None  # noqa: F841 (room for the FP8-KV model)
+    engine8 = runtime8 = built8 = None  # noqa: F841 (room for the next models)
     free_memory()
+    built8h = build_ours(hf, fp8=True, fp8_lm_head=True) if built else None
+    if built8h:
+        runtime8h, config8h, _ = built8h
+        engine8h, _ = make_engine(runtime8h, config8h, max_model_len, num_blocks=800)
+        check_fp8(runtime, runtime8h, label="FP8 weights and LM head (fp8_lm_head)", key="fp8head")
+        step_time(runtime8h, "fp8+head", rows_list=(1,))
+        bench_ours(engine8h, "fp8+head", 1)
+        engine8h = runtime8h = built8h = None  # noqa: F841
+        free_memory()
     built_kv8 = build_ours(hf, kv8=True) if built else None
     if built_kv8:
         runtime_kv8, config_kv8, _ = built_kv8

@@ -71,6 +71,10 @@ class SamplingParams:
             ids.update(self.eos_token_ids)
         return frozenset(ids)
 
+    @functools.cached_property  # asked per sequence and step while min_new_tokens holds
+    def sorted_stop_token_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self.all_stop_token_ids))
+
 
 @dataclass
 class GenerationRequest:

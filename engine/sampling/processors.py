@@ -183,7 +183,7 @@ def min_p(scores: torch.Tensor, mins: Sequence[float | None], min_tokens_to_keep
 def stop_ids_for_min_tokens(params: SamplingParams) -> list[int]:
     """Ids masked until min_new_tokens: whatever would end the sequence (eos unless
     ignore_eos, plus stop_token_ids). Without our extras this is transformers' eos set."""
-    return sorted(params.all_stop_token_ids)
+    return list(params.sorted_stop_token_ids)
 
 
 def apply_penalties(

@@ -83,6 +83,10 @@ class PendingSamples:
 
 
 class Sampler:
+    def __init__(self) -> None:
+        # Stop-id lists on the device for the fused greedy kernel, by (device, ids).
+        self._shared_bans: dict[tuple[str, int | None, tuple[int, ...]], torch.Tensor] = {}
+
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
         """logits: [len(rows), vocab], row i for rows[i]. Returns one result per row."""
         return self.results(self.launch(logits, rows))
@@ -96,8 +100,15 @@ class Sampler:
         k = min(max((p.logprobs or 0) for p in params), logits.shape[1]) if params else 0
         fused = _FUSED_GREEDY and logits.is_cuda and not sampling and k == 0
         generated = [r.num_generated for r in rows]
-        processed = None
-        if not fused or may_change_scores(params, generated):
+        processed = bans = None
+        if fused and not any(p.reads_history for p in params):
+            # Greedy rows whose only processor is min_new_tokens' mask of the stop ids:
+            # the fused kernel skips those ids itself. The processors' path costs about ten
+            # small kernels and two copies a step: on the H100 (7B FP8, batch 1, every step
+            # under min_new_tokens, docs/benchmarks.md) the device was busy 20 us a step
+            # less and the run 1.010 times as fast.
+            bans = self._min_tokens_bans(params, generated, logits.device)
+        elif not fused or may_change_scores(params, generated):
             # transformers widens the logits to float32 before its processors; the fused
             # greedy kernel widens each element as it reads it (same values, no copy).
             logits = logits.float()
@@ -107,7 +118,7 @@ class Sampler:
             # offline batch; see greedy_with_logprob).
             from engine.runtime.cuda.kernels import greedy_with_logprob
 
-            tokens, packed = greedy_with_logprob(logits)  # packed as below, in the same kernel
+            tokens, packed = greedy_with_logprob(logits, bans)  # packed as below, in the same kernel
         else:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
             tokens = processed.argmax(dim=-1)  # greedy rows keep this
@@ -147,6 +158,33 @@ class Sampler:
                 alternatives = tuple(zip((int(t) for t in row[2 : 2 + want]), row[2 + k : 2 + k + want]))
             results.append(SampleResult(int(row[0]), row[1], alternatives))
         return results
+
+    def _min_tokens_bans(self, params: list[SamplingParams], generated: list[int],
+                         device: torch.device) -> torch.Tensor | None:
+        """The ids each row may not choose yet (min_new_tokens' stop ids) for the fused
+        greedy kernel, padded with -1 to a multiple of its GREEDY_BANS; None when no row
+        waits for its minimum. The usual case (every row waiting, one stop-id set) is one
+        list kept on the device: no copy a step."""
+        from engine.runtime.cuda.kernels import GREEDY_BANS
+
+        lists = [p.sorted_stop_token_ids if p.min_new_tokens > n else () for p, n in zip(params, generated)]
+        first = lists[0] if lists else ()
+        if all(ids == first for ids in lists):
+            if not first:
+                return None
+            key = (device.type, device.index, first)
+            shared = self._shared_bans.get(key)
+            if shared is None:
+                if len(self._shared_bans) >= 64:
+                    self._shared_bans.clear()
+                width = -(-len(first) // GREEDY_BANS) * GREEDY_BANS
+                shared = self._shared_bans[key] = to_device(list(first) + [-1] * (width - len(first)), torch.int64,
+                                                            device)
+            return shared
+        if not any(lists):
+            return None
+        width = -(-max(map(len, lists)) // GREEDY_BANS) * GREEDY_BANS
+        return to_device([list(ids) + [-1] * (width - len(ids)) for ids in lists], torch.int64, device)
 
     @staticmethod
     def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -682,6 +682,34 @@ def test_fp8_weights_stay_close_to_bf16():
 
 
 @cuda_only
+@pytest.mark.parametrize("tied", [False, True])
+def test_fp8_lm_head_stays_close_to_fp8_layers_alone(tied):
+    """fp8_lm_head: the LM head in e4m3 with per-row scales (its own copy when tied to the
+    embedding, whose lookup stays bf16); logits close to those of FP8 layers alone."""
+    from engine.runtime.cuda.fp8 import Fp8Weight
+    from engine.runtime.cuda.runtime import fp8_supported
+
+    if not fp8_supported(DEVICE):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    model, spec = tiny_model("llama", torch.bfloat16, tie_word_embeddings=tied)
+    assert spec.tie_word_embeddings == tied
+    head8 = make_runtime(spec, model, torch.bfloat16, fp8=True, fp8_lm_head=True)
+    layers8 = make_runtime(spec, model, torch.bfloat16, fp8=True)
+    assert isinstance(head8.model.lm_head, Fp8Weight) and not isinstance(layers8.model.lm_head, Fp8Weight)
+    assert head8.model.embed.dtype == torch.bfloat16
+    vocab, hidden = spec.vocab_size, spec.hidden_size
+    # Untied, the head's bf16 bytes become FP8 bytes and row scales; tied, those are added.
+    change = vocab * (hidden + 4) - (0 if tied else 2 * vocab * hidden)
+    assert head8.model.weight_bytes() - layers8.model.weight_bytes() == change
+    theirs = run_script(layers8)
+    ours = run_script(head8, follow=theirs)
+    errs = [rel(x[2], y[2]) for x, y in zip(ours, theirs)]
+    top1 = sum(int(x[2].argmax()) == int(y[2].argmax()) for x, y in zip(ours, theirs)) / len(ours)
+    print(f"FP8 LM head against FP8 layers alone: max rel err {max(errs):.4f}, top-1 {top1:.3f}")
+    assert 0 < max(errs) < 0.1 and top1 >= 0.8, (errs, top1)
+
+
+@cuda_only
 def test_fp8_kv_cache_stays_close_to_bf16():
     """The same script over an FP8 cache, fed the bf16 run's tokens: prefill, chunked
     prefill over a cached prefix (read back from the FP8 cache), and graph decodes."""
@@ -853,6 +881,36 @@ def test_greedy_kernel_equals_argmax_and_log_softmax(vocab):
     torch.testing.assert_close(packed[:, 1:].float(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_greedy_kernel_skips_banned_ids_and_reports_the_raw_logprob(shared):
+    """min_new_tokens in the fused kernel: the banned ids are never chosen (as if -inf, as
+    the processor masks them), and the logprob is the raw logits' log-softmax."""
+    from engine.runtime.cuda.kernels import GREEDY_BANS, greedy_with_logprob
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    vocab = 3000
+    x = torch.randn(5, vocab, generator=g) * 4
+    x[:, 7] = 50.0  # a banned id far above the rest: the log-softmax is taken against it
+    x[:, vocab - 1] = 40.0  # banned too, in the last (partial) block
+    x[2, 11] = 60.0  # not banned in row 2 (per-row lists only)
+    if shared:
+        ids = [7, vocab - 1, 11]
+        bans = torch.tensor(ids + [-1] * (GREEDY_BANS - len(ids)))
+        rows_ids = [ids] * 5
+    else:
+        rows_ids = [[7, vocab - 1], [7, vocab - 1, 11], [7, vocab - 1], [], list(range(7, 7 + 9)) + [vocab - 1]]
+        width = 2 * GREEDY_BANS
+        bans = torch.tensor([ids + [-1] * (width - len(ids)) for ids in rows_ids])
+    tokens, packed = greedy_with_logprob(x.to(DEVICE), bans.to(DEVICE))
+    masked = x.clone()
+    for row, ids in enumerate(rows_ids):
+        masked[row, ids] = float("-inf")
+    assert torch.equal(tokens.cpu(), masked.argmax(dim=-1))
+    expected = torch.log_softmax(x, dim=-1).gather(1, tokens.cpu()[:, None])
+    torch.testing.assert_close(packed[:, 1:].float().cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed[:, 0].cpu(), tokens.cpu().double())
+
+
 @cuda_only
 def test_compile_watch_sees_the_compilations_of_triton_on_this_machine():
     """The hooks compile_watch chains into Triton are called by this Triton: a kernel
@@ -888,7 +946,13 @@ def test_sampler_on_the_gpu_matches_the_cpu_for_greedy_rows():
     plain = [SampleRow(SamplingParams(), [1, 2, 3], 0, None) for _ in range(6)]
     mixed = plain[:4] + [SampleRow(SamplingParams(logprobs=2), [1, 2], 0, None),
                          SampleRow(SamplingParams(repetition_penalty=1.5), [5, 9], 0, None)]
-    for rows in (plain, mixed):
+    # min_new_tokens: each row's best token is a stop id it may not choose yet (the fused
+    # kernel's bans), one list for all rows, then lists that differ and rows past their minimum.
+    best = logits.argmax(dim=-1).tolist()
+    waiting = [SampleRow(SamplingParams(min_new_tokens=5, eos_token_ids=tuple(best)), [1], 2, None) for _ in range(6)]
+    apart = [SampleRow(SamplingParams(min_new_tokens=5, eos_token_ids=(best[i],), stop_token_ids=(3,)), [1], 2 + i, None)
+             for i in range(6)]
+    for rows in (plain, mixed, waiting, apart):
         on_gpu, on_cpu = Sampler().sample(logits.to(DEVICE), rows), Sampler().sample(logits, rows)
         assert [r.token_id for r in on_gpu] == [r.token_id for r in on_cpu]
         # The runtime hands out bf16 logits for decode steps: the sampler reads them as

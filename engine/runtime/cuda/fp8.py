@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.cuda.kernels import quantize_rows_fp8, rms_norm, silu_mul
-
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1e-12
@@ -53,6 +51,10 @@ def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = 
     RMSNorm times `norm`, SiLU(gate) * up (`act`, x = [gate | up]) or the identity.
     add (with norm): x += add in place first, in the same pass as the quantization.
     fast_accum: _scaled_mm's use_fast_accum (EngineConfig.fp8_fast_accum)."""
+    # Imported here: the weights' quantization above needs no Triton (bench/fp8_accuracy.py
+    # runs it on the CPU).
+    from engine.runtime.cuda.kernels import quantize_rows_fp8, rms_norm, silu_mul
+
     m = x.shape[0]
     if x.device.type != "cuda":  # CPU tests: the same function, dequantized
         if add is not None:

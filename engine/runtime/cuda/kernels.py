@@ -957,46 +957,77 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, stride, V: tl.constexpr, BLOCK: tl.constexpr):
+# Not specialized on stride_ban: 0 (one list for every row) and a row's width are both
+# used, and each would be a compilation of its own while serving.
+@triton.jit(do_not_specialize=["stride_ban"])
+def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, ban_ptr, stride, stride_ban, V: tl.constexpr,
+                   BLOCK: tl.constexpr, BANS: tl.constexpr):
     # One program per row, two passes over it: the maximum and its first index, then the
     # sum of exponentials. Written: the token (int64, for the next step's input on the
     # device) and [token, logprob] as float64 (the sampler's read-back row).
+    # BANS > 0: the row's BANS ids at ban_ptr (-1: none) cannot be chosen, as if their
+    # logits were -inf (min_new_tokens' processor), while the logprob stays that of the
+    # raw logits (the log-softmax is taken against the maximum of every logit).
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     cols = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     index = tl.zeros([BLOCK], dtype=tl.int32)
+    if BANS > 0:
+        bans = tl.load(ban_ptr + row.to(tl.int64) * stride_ban + tl.arange(0, BANS)).to(tl.int32)
+        raw = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     for start in range(0, V, BLOCK):
         x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        if BANS > 0:
+            raw = tl.maximum(raw, x)
+            banned = tl.sum(((start + cols)[:, None] == bans[None, :]).to(tl.int32), axis=1) > 0
+            x = tl.where(banned, float("-inf"), x)
         better = x > best  # strictly: each lane keeps its first maximum
         best = tl.where(better, x, best)
         index = tl.where(better, start + cols, index)
     top = tl.max(best, axis=0)
     token = tl.min(tl.where(best == top, index, V), axis=0)  # the first maximum, as torch.argmax
+    ref = top
+    if BANS > 0:
+        ref = tl.max(raw, axis=0)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, V, BLOCK):
         x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-        total += tl.exp(x - top)
+        total += tl.exp(x - ref)
     chosen = tl.load(base + token).to(tl.float32)
-    logprob = chosen - (top + tl.log(tl.sum(total, axis=0)))  # float32, widened below as torch would
+    logprob = chosen - (ref + tl.log(tl.sum(total, axis=0)))  # float32, widened below as torch would
     tl.store(token_ptr + row, token.to(tl.int64))
     tl.store(packed_ptr + 2 * row, token.to(tl.float64))
     tl.store(packed_ptr + 2 * row + 1, logprob.to(tl.float64))
 
 
-def greedy_with_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Banned ids a row (min_new_tokens' stop ids) are padded to a multiple of this: one compiled
+# variant for the usual few (a model's eos ids and a request's stop_token_ids).
+GREEDY_BANS = 8
+
+
+def greedy_with_logprob(logits: torch.Tensor, bans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [rows, vocab] -> (argmax [rows] int64, [argmax, log_softmax at it] [rows, 2]
     float64; the logprob computed in float32), without the [rows, vocab] log-softmax that
     torch would write to gather one value a row (525 MB a step at 1,024 rows of a 128k
     vocabulary), and with the sampler's read-back rows written directly (three kernels
     fewer a step than converting and concatenating them). Ties go to the first index, as
-    torch.argmax; NaN logits are not supported."""
+    torch.argmax; NaN logits are not supported.
+
+    bans: int64 [rows, B] or [B] (the same for every row), B a multiple of GREEDY_BANS:
+    ids the argmax skips (-1 pads), as min_new_tokens masks a row's stop ids to -inf; the
+    logprob is still the raw logits' log-softmax, as the sampler reports it."""
     rows, vocab = logits.shape
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     packed = torch.empty(rows, 2, dtype=torch.float64, device=logits.device)
+    width, stride_ban = 0, 0
+    if bans is not None:
+        width = bans.shape[-1]
+        assert width % GREEDY_BANS == 0 and bans.stride(-1) == 1 and bans.dtype == torch.int64
+        stride_ban = bans.stride(0) if bans.dim() == 2 else 0
     if rows:
-        _greedy_kernel[(rows,)](logits, tokens, packed, logits.stride(0), V=vocab, BLOCK=2048, num_warps=8)
+        _greedy_kernel[(rows,)](logits, tokens, packed, bans if bans is not None else tokens, logits.stride(0),
+                                stride_ban, V=vocab, BLOCK=2048, BANS=width, num_warps=8)
     return tokens, packed
 
 

@@ -54,7 +54,7 @@ class DecodeInputs:
 
 class CudaLlama:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, fp8: bool = False, fast_accum: bool = False):
+                 device: torch.device, fp8: bool = False, fast_accum: bool = False, fp8_lm_head: bool = False):
         self.spec, self.dtype, self.device, self.fp8 = spec, dtype, device, fp8
         self.fast_accum = fast_accum  # torch._scaled_mm's use_fast_accum for FP8 weights
         self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
@@ -75,6 +75,8 @@ class CudaLlama:
             self.lm_head = self.embed  # [vocab, hidden] is already F.linear's layout
         else:
             self.lm_head = self._get("lm_head.weight").contiguous()
+        if fp8 and fp8_lm_head:  # its own FP8 copy: a tied embedding's lookup stays in the model dtype
+            self.lm_head = quantize_rows(self.lm_head)
         self.layers = [self._layer(i) for i in range(spec.num_hidden_layers)]
         del self._weights
         # cos | sin per position for the interleaved layout, like transformers computes them

@@ -29,7 +29,7 @@ from engine.errors import ModelLoadError
 from engine.models.weights import MissingWeightError
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec, PromptGraphLimits
 from engine.runtime.cuda import compile_watch
-from engine.runtime.cuda.kernels import decode_splits, fill_decode_inputs, greedy_with_logprob, num_sms
+from engine.runtime.cuda.kernels import GREEDY_BANS, decode_splits, fill_decode_inputs, greedy_with_logprob, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
 from engine.runtime.cuda.prefill_graph import prefill_graph_shape
 from engine.runtime.kv_copy import copy_kv_blocks
@@ -75,7 +75,7 @@ class CudaRuntime(ModelRuntime):
         try:
             with torch.inference_mode():
                 self.model = CudaLlama(spec, weights, dtype, self.device, fp8=self.fp8_enabled,
-                                       fast_accum=config.fp8_fast_accum)
+                                       fast_accum=config.fp8_fast_accum, fp8_lm_head=config.fp8_lm_head)
         except MissingWeightError as e:
             raise ModelLoadError(f"incomplete {spec.architecture} checkpoint: {e.args[0]}") from None
         self.block_size = 0
@@ -361,8 +361,12 @@ class CudaRuntime(ModelRuntime):
             if self.device.type == "cuda":
                 # For the logits of graph steps (model dtype) and of eager ones (float32):
                 # compiled now, not by the first request that samples them.
+                # With and without min_new_tokens' banned ids (GREEDY_BANS of them).
+                no_bans = torch.full((GREEDY_BANS,), -1, dtype=torch.int64, device=self.device)
                 for dtype in dict.fromkeys((self.dtype, torch.float32)):
-                    greedy_with_logprob(torch.zeros(1, self.spec.vocab_size, dtype=dtype, device=self.device))
+                    logits = torch.zeros(1, self.spec.vocab_size, dtype=dtype, device=self.device)
+                    greedy_with_logprob(logits)
+                    greedy_with_logprob(logits, no_bans)
                 if self.kv_cache is not None:
                     # The static inputs' fill, outside the graphs (row 0 onto itself), and the eager steps.
                     fill_decode_inputs(self._ids[:1], self._pos[:1], self._slots[:1], self._ctx[:1],
