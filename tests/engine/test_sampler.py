@@ -31,6 +31,28 @@ def test_top_k_1_sampling_equals_greedy():
     assert [r.token_id for r in sampled] == [r.token_id for r in greedy] == logits.argmax(-1).tolist()
 
 
+def test_min_tokens_bans_for_the_fused_greedy_kernel(monkeypatch):
+    """The stop ids each row may not choose yet, as the CUDA greedy kernel takes them
+    (its kernel module stands in here: no Triton on the CPU): one list kept for rows that
+    share it, a row each otherwise (-1 pads), nothing once no row waits."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "engine.runtime.cuda.kernels", types.SimpleNamespace(GREEDY_BANS=8))
+    sampler, cpu = Sampler(), torch.device("cpu")
+    waiting = SamplingParams(min_new_tokens=4, eos_token_ids=(9, 2), stop_token_ids=(5,))
+    shared = sampler._min_tokens_bans([waiting, waiting], [0, 3], cpu)
+    assert shared.tolist() == [2, 5, 9, -1, -1, -1, -1, -1]
+    assert sampler._min_tokens_bans([waiting], [1], cpu) is shared  # kept, not copied again
+    assert sampler._min_tokens_bans([waiting, waiting], [4, 7], cpu) is None  # both past their minimum
+    assert sampler._min_tokens_bans([SamplingParams(), SamplingParams()], [0, 0], cpu) is None
+    ignoring = SamplingParams(min_new_tokens=4, eos_token_ids=(9,), ignore_eos=True)
+    assert sampler._min_tokens_bans([ignoring], [0], cpu) is None  # nothing would end it
+    many = SamplingParams(min_new_tokens=4, eos_token_ids=tuple(range(10, 19)))
+    rows = sampler._min_tokens_bans([waiting, SamplingParams(), many, waiting], [0, 0, 1, 4], cpu)
+    assert rows.tolist() == [[2, 5, 9] + [-1] * 13, [-1] * 16, list(range(10, 19)) + [-1] * 7, [-1] * 16]
+
+
 def test_greedy_applies_the_penalties():
     logits = torch.tensor([[3.0, 2.9, 2.0, -1.0]])
     history = [0, 0, 1]
