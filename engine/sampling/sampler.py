@@ -168,23 +168,23 @@ class Sampler:
         from engine.runtime.cuda.kernels import GREEDY_BANS
 
         lists = [p.sorted_stop_token_ids if p.min_new_tokens > n else () for p, n in zip(params, generated)]
-        first = lists[0] if lists else ()
-        if all(ids == first for ids in lists):
-            if not first:
-                return None
-            key = (device.type, device.index, first)
-            shared = self._shared_bans.get(key)
-            if shared is None:
-                if len(self._shared_bans) >= 64:
-                    self._shared_bans.clear()
-                width = -(-len(first) // GREEDY_BANS) * GREEDY_BANS
-                shared = self._shared_bans[key] = to_device(list(first) + [-1] * (width - len(first)), torch.int64,
-                                                            device)
-            return shared
         if not any(lists):
             return None
         width = -(-max(map(len, lists)) // GREEDY_BANS) * GREEDY_BANS
-        return to_device([list(ids) + [-1] * (width - len(ids)) for ids in lists], torch.int64, device)
+
+        def padded(ids: tuple[int, ...]) -> list[int]:
+            return list(ids) + [-1] * (width - len(ids))
+
+        first = lists[0]
+        if any(ids != first for ids in lists):
+            return to_device([padded(ids) for ids in lists], torch.int64, device)
+        key = (device.type, device.index, first)
+        shared = self._shared_bans.get(key)
+        if shared is None:
+            if len(self._shared_bans) >= 64:
+                self._shared_bans.clear()
+            shared = self._shared_bans[key] = to_device(padded(first), torch.int64, device)
+        return shared
 
     @staticmethod
     def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
