@@ -10,6 +10,12 @@ one launch per copy:
   products and no prologue;
 - `copy`: a 2 GiB device-to-device copy in the same call, for the HBM ceiling.
 
+Then the read ceiling by size: a plain 1-D streaming read (4,096 or 8,192 bytes a program,
+one load each, summed) over one buffer of each projection's FP8 size, the 7B LM head's
+bf16 size and 2 GiB, rotating copies, graphs of back-to-back launches. A kernel that
+streams N bytes pays a start (the first loads' latency) and an end (its last programs'
+drain) that do not shrink with N, so the rate it can reach grows with N.
+
 gemv / read near 1 means the GEMV's own work hides under its weight stream, and that the
 stream (tile shape, pipeline depth, ramp at the kernel's start and end) is what bounds it.
 
@@ -35,6 +41,38 @@ from engine.runtime.cuda.fp8 import quantize_rows  # noqa: E402
 # name: (N, K, fusion)
 SHAPES = {"qkv": (12288, 4096, "norm"), "o": (4096, 4096, "residual"), "gate_up": (22016, 4096, "norm"),
           "down": (4096, 11008, "act")}
+
+
+@triton.jit
+def _stream(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """One BLOCK-byte slice of x per program, read once and summed (so that it is read)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+    tl.store(out_ptr + pid, tl.sum(v.to(tl.int32), axis=0))
+
+
+# Buffer sizes (MB) of the size sweep: the 7B projections' FP8 weights (o, down, q|k|v,
+# gate|up), the 7B LM head in bf16, and 2 GiB.
+STREAM_MB = (16.8, 45.1, 50.3, 90.2, 262.1, 2147.5)
+
+
+def stream_by_size() -> None:
+    for mb in STREAM_MB:
+        nbytes = int(mb * 1e6) // 4096 * 4096
+        copies = max(2, math.ceil(600e6 / nbytes))
+        xs = [torch.randint(-100, 100, (nbytes,), dtype=torch.int8, device="cuda") for _ in range(copies)]
+        rates = []
+        for block, warps in ((4096, 4), (8192, 8)):
+            grid = (triton.cdiv(nbytes, block),)
+            out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+            us = _us_per_launch([lambda x=x, g=grid, o=out, n=nbytes, b=block, w=warps: _stream[g](x, o, n, BLOCK=b,
+                                                                                                 num_warps=w)
+                                 for x in xs])
+            rates.append(f"{block} B a program {nbytes / us / 1e6:.2f} TB/s ({us:.1f} us)")
+        print(f"stream {mb:7.1f} MB: " + ", ".join(rates), flush=True)
+        del xs
+        torch.cuda.empty_cache()
 
 
 @triton.jit
@@ -102,9 +140,17 @@ def _measure(name: str, n: int, k: int, fusion: str, dtype: str, bf16: list[torc
           f"gemv / read {us_gemv / us_read:.3f}", flush=True)
 
 
-def main() -> None:
+def copy_rate() -> None:
     from triton.testing import do_bench
 
+    src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=20, return_mode="median")
+    print(f"2 GiB device copy: {2 * src.numel() / ms / 1e9:.2f} TB/s read + write "
+          f"({src.numel() / ms / 1e9:.2f} each way)")
+
+
+def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -115,11 +161,10 @@ def main() -> None:
             _measure(name, n, k, fusion, dtype, bf16)
         del bf16
         torch.cuda.empty_cache()
-    src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=20, return_mode="median")
-    print(f"2 GiB device copy: {2 * src.numel() / ms / 1e9:.2f} TB/s read + write "
-          f"({src.numel() / ms / 1e9:.2f} each way); {time.perf_counter() - start:.0f} s in all")
+    copy_rate()
+    torch.cuda.empty_cache()
+    stream_by_size()
+    print(f"{time.perf_counter() - start:.0f} s in all")
 
 
 if __name__ == "__main__":
