@@ -24,6 +24,7 @@ Usage (on the GPU): python bench/read_ceiling.py
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -58,6 +59,7 @@ STREAM_MB = (16.8, 45.1, 50.3, 90.2, 262.1, 2147.5)
 
 
 def stream_by_size() -> None:
+    """The 1-D read's rate at each of STREAM_MB, with 4,096- and 8,192-byte programs."""
     for mb in STREAM_MB:
         nbytes = int(mb * 1e6) // 4096 * 4096
         copies = max(2, math.ceil(600e6 / nbytes))
@@ -66,8 +68,7 @@ def stream_by_size() -> None:
         for block, warps in ((4096, 4), (8192, 8)):
             grid = (triton.cdiv(nbytes, block),)
             out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-            us = _us_per_launch([lambda x=x, g=grid, o=out, n=nbytes, b=block, w=warps: _stream[g](x, o, n, BLOCK=b,
-                                                                                                 num_warps=w)
+            us = _us_per_launch([functools.partial(_stream[grid], x, out, nbytes, BLOCK=block, num_warps=warps)
                                  for x in xs])
             rates.append(f"{block} B a program {nbytes / us / 1e6:.2f} TB/s ({us:.1f} us)")
         print(f"stream {mb:7.1f} MB: " + ", ".join(rates), flush=True)
