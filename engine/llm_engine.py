@@ -100,7 +100,8 @@ class LLMEngine:
             if out.copies:
                 self.runtime.copy_blocks(out.copies)
             inflight = self._inflight.device_tokens if self._inflight is not None else None
-            batch = build_forward_batch(out, self.config.block_size, self.runtime.device, inflight)
+            batch = build_forward_batch(out, self.config.block_size, self.runtime.device, inflight,
+                                        defer_feed=self.runtime.fuses_token_feed)
             logits = self.runtime.execute(batch)
             # 3. Queue the choice of next tokens (and beam steps).
             launched = self._sample(out, logits)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.runtime.base import ForwardBatch
+from engine.runtime.base import ForwardBatch, TokenFeed, apply_token_feed
 from engine.scheduler import SchedulerOutput
 
 
@@ -21,9 +21,10 @@ class InflightTokens:
 
 
 def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.device,
-                        inflight: InflightTokens | None = None) -> ForwardBatch:
+                        inflight: InflightTokens | None = None, defer_feed: bool = False) -> ForwardBatch:
     """A sequence whose last token is still in flight gets it from `inflight.tokens`
-    by a copy on the device: the host never waits for it."""
+    by a copy on the device: the host never waits for it. With defer_feed the copy is left
+    to the runtime (ForwardBatch.token_feed), which may fuse it into a kernel of its own."""
     input_ids: list[int] = []
     feed_to: list[int] = []
     feed_from: list[int] = []
@@ -91,10 +92,9 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
     elif packed.device != device:
         packed = packed.to(device)
     views = packed.split(sizes)[::2]
-    if feed_to:
-        views[0].index_copy_(0, views[6], inflight.tokens.index_select(0, views[7]))
+    feed = TokenFeed(inflight.tokens, views[6], views[7]) if feed_to else None
 
-    return ForwardBatch(
+    batch = ForwardBatch(
         input_ids=views[0],
         positions=views[1],
         slot_mapping=views[2],
@@ -103,7 +103,11 @@ def build_forward_batch(out: SchedulerOutput, block_size: int, device: torch.dev
         decode_context_lens=views[4],
         prefill_chunks=prefill_chunks,
         logits_indices=views[5],
+        token_feed=feed,
     )
+    if not defer_feed:
+        apply_token_feed(batch)
+    return batch
 
 
 @functools.lru_cache(maxsize=64)

@@ -59,6 +59,28 @@ class ForwardBatch:
     prefill_chunks: list[tuple[int, int, int, list[int]]]
     # Rows (token indices) whose logits are needed, in the order the sampler wants them.
     logits_indices: torch.Tensor  # [S] int64
+    # Tokens still on the device that input_ids must take before use (None: none, or
+    # already in): only for runtimes with fuses_token_feed, which apply it (apply_token_feed)
+    # or fuse it into a kernel of their own; input_ids holds 0 at those rows until then.
+    token_feed: TokenFeed | None = None
+
+
+@dataclass
+class TokenFeed:
+    """input_ids[to[i]] = tokens[from_[i]]: the last sampled tokens of sequences whose step
+    is still in flight (the engine's overlapped steps), copied on the device."""
+
+    tokens: torch.Tensor  # [R] int64, a launched step's samples
+    to: torch.Tensor  # [F] int64, rows of input_ids
+    from_: torch.Tensor  # [F] int64, rows of tokens
+
+
+def apply_token_feed(batch: ForwardBatch) -> None:
+    """Copy a batch's pending token feed into its input_ids (no-op without one)."""
+    feed = batch.token_feed
+    if feed is not None:
+        batch.input_ids.index_copy_(0, feed.to, feed.tokens.index_select(0, feed.from_))
+        batch.token_feed = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,9 @@ class ModelRuntime(abc.ABC):
     # Set by runtimes that replay one-prompt steps from graphs (the scheduler then keeps
     # prompts apart while few wait: EngineConfig.single_prompt_max_waiting).
     prompt_graph_limits: PromptGraphLimits | None = None
+    # True for runtimes that take a batch's token_feed themselves (see ForwardBatch); the
+    # engine applies it before execute() for every other runtime.
+    fuses_token_feed: bool = False
 
     @abc.abstractmethod
     def kv_cache_bytes_per_block(self, block_size: int) -> int:

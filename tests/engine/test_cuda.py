@@ -886,6 +886,31 @@ def test_decode_inputs_fill_the_static_buffers():
     assert (static[4][:3, 33:] == -7).all() and (static[4][3:] == -7).all()
 
 
+def test_decode_inputs_fill_takes_the_in_flight_tokens():
+    """With a token feed (the engine's overlapped steps) the fill writes those rows' ids
+    from the launched step's samples, the others from the step's ids: as apply_token_feed."""
+    from engine.runtime.base import ForwardBatch, TokenFeed, apply_token_feed
+    from engine.runtime.cuda.kernels import fill_decode_inputs
+
+    g = torch.Generator(device="cpu").manual_seed(4)
+    ids = torch.randint(0, 1000, (4,), generator=g).to(DEVICE)
+    ids[[0, 2]] = 0  # in flight
+    others = [torch.randint(0, 1000, (4,), generator=g).to(DEVICE) for _ in range(3)]
+    tables = torch.randint(0, 5000, (4, 5), generator=g).to(DEVICE)
+    samples = torch.tensor([501, 502, 503], device=DEVICE)
+    feed = TokenFeed(samples, torch.tensor([2, 0], device=DEVICE), torch.tensor([0, 2], device=DEVICE))
+    static = tuple(torch.full((8,), -7, dtype=torch.int64, device=DEVICE) for _ in range(4))
+    static += (torch.full((8, 16), -7, dtype=torch.int64, device=DEVICE),)
+    fill_decode_inputs(ids, *others, tables, static, feed=feed)
+    batch = ForwardBatch(ids.clone(), *others[:2], 4, tables, others[2], [], ids, token_feed=feed)
+    apply_token_feed(batch)
+    assert batch.token_feed is None
+    assert torch.equal(static[0][:4], batch.input_ids) and static[0][:4].tolist()[0:3:2] == [503, 501]
+    assert torch.equal(static[0][4:], torch.full((4,), -7, device=DEVICE))
+    for buffer, rows in zip(static[1:4], others):
+        assert torch.equal(buffer[:4], rows)
+
+
 @cuda_only
 @pytest.mark.parametrize("vocab", [5000, 128256])
 def test_greedy_kernel_equals_argmax_and_log_softmax(vocab):

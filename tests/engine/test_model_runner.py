@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.runtime.base import ForwardBatch
+from engine.runtime.base import ForwardBatch, apply_token_feed
 from engine.tokenizer import TextTokenizer
 from tests.engine.fake_runtime import FakeRuntime, greedy_reference
 from tests.engine.test_scheduler import greedy, make_engine, random_prompts, run
@@ -47,3 +47,36 @@ def test_every_input_view_starts_16_byte_aligned(tokenizer, overlap):
     assert not odd_offsets, f"views off a 16-byte boundary: {sorted(odd_offsets)}"
     # Without the padding some offsets would be odd multiples of 8: the test sees both kinds of parts.
     assert any(len(p) % 2 for p in prompts) and any(len(p) % 2 == 0 for p in prompts)
+
+
+
+class FeedTakingRuntime(FakeRuntime):
+    """Takes the in-flight tokens itself (fuses_token_feed), as the CUDA runtime's fill
+    kernel does; counts the steps that arrived with a feed pending."""
+
+    fuses_token_feed = True
+
+    def __init__(self):
+        super().__init__()
+        self.fed_steps = 0
+
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        if batch.token_feed is not None:
+            self.fed_steps += 1
+            assert (batch.input_ids[batch.token_feed.to] == 0).all()  # not yet in
+            apply_token_feed(batch)
+            assert batch.token_feed is None
+        return super().execute(batch)
+
+
+def test_a_runtime_that_takes_the_token_feed_gets_it_deferred_and_decodes_the_same(tokenizer):
+    """Overlapped steps hand a fuses_token_feed runtime the in-flight tokens as
+    ForwardBatch.token_feed instead of copying them first; the tokens are the same."""
+    runtime = FeedTakingRuntime()
+    engine = make_engine(tokenizer, runtime=runtime, overlap_steps=True)
+    prompts = random_prompts(5, seed=8, lo=2, hi=9)
+    arrivals = [(i, f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)]
+    got = run(engine, arrivals)
+    for i, p in enumerate(prompts):
+        assert got.tokens(f"r{i}") == greedy_reference(p, 6)
+    assert runtime.fed_steps > 0

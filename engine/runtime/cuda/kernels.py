@@ -1008,24 +1008,31 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.T
 @triton.jit(do_not_specialize=["stride_ban"])
 def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, ban_ptr, stride, stride_ban, V: tl.constexpr,
                    BLOCK: tl.constexpr, BANS: tl.constexpr):
-    # One program per row, two passes over it: the maximum and its first index, then the
-    # sum of exponentials. Written: the token (int64, for the next step's input on the
-    # device) and [token, logprob] as float64 (the sampler's read-back row).
+    # One program per row, one pass over it: each lane keeps its first maximum and its
+    # index, and a running log-sum-exp (its largest logit m and the sum of exp(x - m) over
+    # what it has read, rescaled when m grows: one exp a logit). Written: the token (int64,
+    # for the next step's input on the device) and [token, logprob] as float64 (the
+    # sampler's read-back row).
     # BANS > 0: the row's BANS ids at ban_ptr (-1: none) cannot be chosen, as if their
     # logits were -inf (min_new_tokens' processor), while the logprob stays that of the
-    # raw logits (the log-softmax is taken against the maximum of every logit).
+    # raw logits (the log-sum-exp runs over every logit).
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     cols = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     index = tl.zeros([BLOCK], dtype=tl.int32)
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
     if BANS > 0:
         bans = tl.load(ban_ptr + row.to(tl.int64) * stride_ban + tl.arange(0, BANS)).to(tl.int32)
-        raw = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     for start in range(0, V, BLOCK):
         x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        # exp(-|x - m|) is the new logit's term (x <= m) or the old sum's rescaling (x > m);
+        # a -inf logit adds nothing (and -inf - -inf would be NaN).
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - m)))
+        total = tl.where(x > m, total * e + 1.0, total + e)
+        m = tl.maximum(m, x)
         if BANS > 0:
-            raw = tl.maximum(raw, x)
             banned = tl.sum(((start + cols)[:, None] == bans[None, :]).to(tl.int32), axis=1) > 0
             x = tl.where(banned, float("-inf"), x)
         better = x > best  # strictly: each lane keeps its first maximum
@@ -1033,15 +1040,10 @@ def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, ban_ptr, stride, stride_ba
         index = tl.where(better, start + cols, index)
     top = tl.max(best, axis=0)
     token = tl.min(tl.where(best == top, index, V), axis=0)  # the first maximum, as torch.argmax
-    ref = top
-    if BANS > 0:
-        ref = tl.max(raw, axis=0)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-        total += tl.exp(x - ref)
+    ref = tl.max(m, axis=0)
+    lanes = tl.where(m == float("-inf"), 0.0, total * tl.exp(m - ref))
     chosen = tl.load(base + token).to(tl.float32)
-    logprob = chosen - (ref + tl.log(tl.sum(total, axis=0)))  # float32, widened below as torch would
+    logprob = chosen - (ref + tl.log(tl.sum(lanes, axis=0)))  # float32, widened below as torch would
     tl.store(token_ptr + row, token.to(tl.int64))
     tl.store(packed_ptr + 2 * row, token.to(tl.float64))
     tl.store(packed_ptr + 2 * row + 1, logprob.to(tl.float64))
@@ -1050,6 +1052,11 @@ def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, ban_ptr, stride, stride_ba
 # Banned ids a row (min_new_tokens' stop ids) are padded to a multiple of this: one compiled
 # variant for the usual few (a model's eos ids and a request's stop_token_ids).
 GREEDY_BANS = 8
+# (logits a tile, warps) of the greedy kernel, for more rows and for up to GREEDY_FEW_ROWS
+# rows, where the row's latency is the step's: wider tiles over more warps, fewer turns of
+# the loop. Measured on the H100 (7B, 32,000 logits, batch 1): see docs/benchmarks.md.
+GREEDY_FEW_ROWS = 8
+GREEDY_TILES = {False: (2048, 8), True: (8192, 32)}
 
 
 def greedy_with_logprob(logits: torch.Tensor, bans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1072,8 +1079,9 @@ def greedy_with_logprob(logits: torch.Tensor, bans: torch.Tensor | None = None) 
         assert width % GREEDY_BANS == 0 and bans.stride(-1) == 1 and bans.dtype == torch.int64
         stride_ban = bans.stride(0) if bans.dim() == 2 else 0
     if rows:
+        block, warps = GREEDY_TILES[rows <= GREEDY_FEW_ROWS]
         _greedy_kernel[(rows,)](logits, tokens, packed, bans if bans is not None else tokens, logits.stride(0),
-                                stride_ban, V=vocab, BLOCK=2048, BANS=width, num_warps=8)
+                                stride_ban, V=vocab, BLOCK=block, BANS=width, num_warps=warps)
     return tokens, packed
 
 
@@ -1087,13 +1095,23 @@ def greedy_with_logprob(logits: torch.Tensor, bans: torch.Tensor | None = None) 
 # to step; Triton specializes a kernel on each, and each new combination was a compilation
 # in the middle of decoding (66 and 52 ms steps of a 7B batch-1 run, where the table grew
 # to 10 and to 16 blocks). Not specialized on them: one compiled variant.
-@triton.jit(do_not_specialize=["ids_ptr", "pos_ptr", "slots_ptr", "ctx_ptr", "tables_ptr", "stride_table", "width"])
+@triton.jit(do_not_specialize=["ids_ptr", "pos_ptr", "slots_ptr", "ctx_ptr", "tables_ptr", "stride_table", "width",
+                               "feed_tokens_ptr", "feed_to_ptr", "feed_from_ptr", "num_feed"])
 def _decode_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, ctx_ptr, tables_ptr, stride_table, width,
                           s_ids_ptr, s_pos_ptr, s_slots_ptr, s_ctx_ptr, s_tables_ptr, stride_s_table,
-                          BLOCK: tl.constexpr):
+                          feed_tokens_ptr, feed_to_ptr, feed_from_ptr, num_feed,
+                          BLOCK: tl.constexpr, FEED_BLOCK: tl.constexpr):
     row = tl.program_id(0)
     one = tl.arange(0, 1)  # [1] blocks: the interpreter (CPU tests) wants no scalar loads
-    tl.store(s_ids_ptr + row + one, tl.load(ids_ptr + row + one).to(tl.int64))
+    token = tl.load(ids_ptr + row + one).to(tl.int64)
+    # A token still in flight (the row is in feed_to): the launched step's sample instead.
+    f = tl.arange(0, FEED_BLOCK)
+    to = tl.load(feed_to_ptr + f, mask=f < num_feed, other=-1)
+    from_row = tl.load(feed_from_ptr + f, mask=f < num_feed, other=0)
+    picked = tl.sum(tl.where(to == row, from_row + 1, 0), axis=0) - 1 + tl.zeros([1], dtype=tl.int64)  # -1: none
+    fed = picked >= 0
+    token = tl.where(fed, tl.load(feed_tokens_ptr + tl.maximum(picked, 0), mask=fed, other=0), token)
+    tl.store(s_ids_ptr + row + one, token)
     tl.store(s_pos_ptr + row + one, tl.load(pos_ptr + row + one).to(tl.int64))
     tl.store(s_slots_ptr + row + one, tl.load(slots_ptr + row + one).to(tl.int64))
     tl.store(s_ctx_ptr + row + one, tl.load(ctx_ptr + row + one).to(tl.int64))
@@ -1105,20 +1123,26 @@ def _decode_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, ctx_ptr, tables_ptr, stri
 
 
 def fill_decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
-                       tables: torch.Tensor, static: tuple[torch.Tensor, ...]) -> None:
+                       tables: torch.Tensor, static: tuple[torch.Tensor, ...], feed=None) -> None:
     """Rows [0, n) of the static (ids, positions, slots, context_lens, tables) buffers from a
     step's n-row inputs (tables [n, width], width <= the static table's): one launch in
-    place of five copies, each a few microseconds of a batch-1 step."""
+    place of five copies, each a few microseconds of a batch-1 step.
+
+    feed (engine.runtime.base.TokenFeed, its rows all below n): ids[feed.to] are taken from
+    feed.tokens[feed.from_] instead, the in-flight tokens' copy in the same launch."""
     n, width = tables.shape
     s_ids, s_pos, s_slots, s_ctx, s_tables = static
     assert width <= s_tables.shape[1] and n <= s_ids.shape[0] and tables.stride(1) == 1
     if n:
         # One tile as wide as the static table: one compiled variant, rather than one per
         # power of two of the step's width (each a Triton compilation in the middle of
-        # serving, the first time contexts grow past it).
+        # serving, the first time contexts grow past it). The same for the feed's rows.
         block = max(16, _next_pow2(s_tables.shape[1]))
+        tokens, to, src = (feed.tokens, feed.to, feed.from_) if feed is not None else (ids, ids, ids)
         _decode_inputs_kernel[(n,)](ids, positions, slots, context_lens, tables, tables.stride(0), width,
-                                    s_ids, s_pos, s_slots, s_ctx, s_tables, s_tables.stride(0), BLOCK=block,
+                                    s_ids, s_pos, s_slots, s_ctx, s_tables, s_tables.stride(0),
+                                    tokens, to, src, to.shape[0] if feed is not None else 0,
+                                    BLOCK=block, FEED_BLOCK=max(16, _next_pow2(s_ids.shape[0])),
                                     num_warps=4 if block >= 2048 else 1)
 
 

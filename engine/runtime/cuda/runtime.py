@@ -27,7 +27,7 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.models.weights import MissingWeightError
-from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec, PromptGraphLimits
+from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec, PromptGraphLimits, apply_token_feed
 from engine.runtime.cuda import compile_watch
 from engine.runtime.cuda.kernels import GREEDY_BANS, decode_splits, fill_decode_inputs, greedy_with_logprob, num_sms
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
@@ -49,6 +49,10 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 class CudaRuntime(ModelRuntime):
+    # A decode step's in-flight tokens are written by the kernel that fills the graph's
+    # static inputs (no index_select and index_copy launches of their own a step).
+    fuses_token_feed = True
+
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str, use_fp8: bool = False, config: EngineConfig | None = None,
                  max_model_len: int | None = None):
@@ -151,6 +155,7 @@ class CudaRuntime(ModelRuntime):
         with torch.inference_mode():
             if n and not batch.prefill_chunks and n <= self.buckets[-1]:
                 return self._decode(batch)
+            apply_token_feed(batch)
             shape = self._prefill_graph_shape(batch)
             if shape is not None:
                 return self._padded_prefill(batch, *shape)
@@ -210,7 +215,7 @@ class CudaRuntime(ModelRuntime):
         """Rows [0, n) of the static inputs from the step's n decode rows."""
         width = min(batch.decode_block_tables.shape[1], self.max_blocks)
         fill_decode_inputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
-                           batch.decode_block_tables[:, :width], self._static_inputs())
+                           batch.decode_block_tables[:, :width], self._static_inputs(), feed=batch.token_feed)
 
     def _static_inputs(self) -> tuple[torch.Tensor, ...]:
         """The graphs' input buffers, in fill_decode_inputs' order."""
