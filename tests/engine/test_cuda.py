@@ -1063,6 +1063,9 @@ for step in range(330):
         for k in range(2 + step % 2):
             add(f"s{step}-{k}", 5 + k + step % 4, 30)
     engine.step()
+# Then more rows at once than the greedy kernel's few-rows tile takes (GREEDY_FEW_ROWS).
+for k in range(10):
+    add(f"burst-{k}", 6 + k, 4)
 while engine.has_work:
     engine.step()
 print("compiled while serving:", compile_watch.WATCH.compiled_while_serving)

@@ -29,7 +29,14 @@ from engine.errors import ModelLoadError
 from engine.models.weights import MissingWeightError
 from engine.runtime.base import ForwardBatch, ModelRuntime, ModelSpec, PromptGraphLimits, apply_token_feed
 from engine.runtime.cuda import compile_watch
-from engine.runtime.cuda.kernels import GREEDY_BANS, decode_splits, fill_decode_inputs, greedy_with_logprob, num_sms
+from engine.runtime.cuda.kernels import (
+    GREEDY_BANS,
+    GREEDY_FEW_ROWS,
+    decode_splits,
+    fill_decode_inputs,
+    greedy_with_logprob,
+    num_sms,
+)
 from engine.runtime.cuda.model import CudaLlama, DecodeInputs
 from engine.runtime.cuda.prefill_graph import prefill_graph_shape
 from engine.runtime.kv_copy import copy_kv_blocks
@@ -366,12 +373,14 @@ class CudaRuntime(ModelRuntime):
             if self.device.type == "cuda":
                 # For the logits of graph steps (model dtype) and of eager ones (float32):
                 # compiled now, not by the first request that samples them.
-                # With and without min_new_tokens' banned ids (GREEDY_BANS of them).
+                # With and without min_new_tokens' banned ids (GREEDY_BANS of them), for few
+                # rows and for more (two tile sizes).
                 no_bans = torch.full((GREEDY_BANS,), -1, dtype=torch.int64, device=self.device)
                 for dtype in dict.fromkeys((self.dtype, torch.float32)):
-                    logits = torch.zeros(1, self.spec.vocab_size, dtype=dtype, device=self.device)
-                    greedy_with_logprob(logits)
-                    greedy_with_logprob(logits, no_bans)
+                    for rows in (1, GREEDY_FEW_ROWS + 1):
+                        logits = torch.zeros(rows, self.spec.vocab_size, dtype=dtype, device=self.device)
+                        greedy_with_logprob(logits)
+                        greedy_with_logprob(logits, no_bans)
                 if self.kv_cache is not None:
                     # The static inputs' fill, outside the graphs (row 0 onto itself), and the eager steps.
                     fill_decode_inputs(self._ids[:1], self._pos[:1], self._slots[:1], self._ctx[:1],
