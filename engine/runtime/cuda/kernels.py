@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from engine.runtime.base import TokenFeed
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper and later): in steps of up to PDL_MAX_ROWS rows
 # the kernels are launched so that each may start while the kernel before it drains,
@@ -1054,7 +1056,9 @@ def _greedy_kernel(logits_ptr, token_ptr, packed_ptr, ban_ptr, stride, stride_ba
 GREEDY_BANS = 8
 # (logits a tile, warps) of the greedy kernel, for more rows and for up to GREEDY_FEW_ROWS
 # rows, where the row's latency is the step's: wider tiles over more warps, fewer turns of
-# the loop. Measured on the H100 (7B, 32,000 logits, batch 1): see docs/benchmarks.md.
+# the loop. Measured on the H100 (one row, in a graph): 32,000 bf16 logits 7.48 us with
+# the two-pass kernel and 2,048 x 8 warps, 6.39 with one pass and 8,192 x 32 (4,096 x 16:
+# 6.25); 128,256 logits 30.18 and 15.26 us (docs/benchmarks.md).
 GREEDY_FEW_ROWS = 8
 GREEDY_TILES = {False: (2048, 8), True: (8192, 32)}
 
@@ -1123,7 +1127,7 @@ def _decode_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, ctx_ptr, tables_ptr, stri
 
 
 def fill_decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
-                       tables: torch.Tensor, static: tuple[torch.Tensor, ...], feed=None) -> None:
+                       tables: torch.Tensor, static: tuple[torch.Tensor, ...], feed: TokenFeed | None = None) -> None:
     """Rows [0, n) of the static (ids, positions, slots, context_lens, tables) buffers from a
     step's n-row inputs (tables [n, width], width <= the static table's): one launch in
     place of five copies, each a few microseconds of a batch-1 step.
