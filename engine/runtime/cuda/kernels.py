@@ -400,8 +400,8 @@ GEMV_LATE_RSTD = {1: True, 2: False}
 # inputs after the products, not early (_gemv_kernel's EARLY_EPILOGUE; the tensor-core
 # kernel always reads them early). Measured on the H100 (7B, captured steps at 256-token
 # contexts, alternating rounds, against reading all of them after the products): FP8 one
-# row 0.984 and 0.987 times as long, two rows 1.022 and 1.025, four rows 0.992 and 0.986,
-# 32 rows 0.992; bf16 one row 0.995, two rows 0.989, 32 rows 1.000. Engine, batch 1 (128
+# row 0.984 and 0.987 times as long, two rows 1.022 and 1.025, four rows 0.986, 32 rows
+# 0.992; bf16 one row 0.995, two rows 0.989, 32 rows 1.000. Engine, batch 1 (128
 # in, 256 out): FP8 365.6 -> 371.5 tok/s, bf16 210.1 -> 211.1 (docs/benchmarks.md).
 GEMV_LATE_EPILOGUE = {(1, 2)}
 
