@@ -1140,13 +1140,14 @@ def fill_decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.
     if n:
         # One tile as wide as the static table: one compiled variant, rather than one per
         # power of two of the step's width (each a Triton compilation in the middle of
-        # serving, the first time contexts grow past it). The same for the feed's rows.
+        # serving, the first time contexts grow past it). The same for the feed's rows, at
+        # most the static table's (decode rows only; the ids buffer also holds prompt rows).
         block = max(16, _next_pow2(s_tables.shape[1]))
         tokens, to, src = (feed.tokens, feed.to, feed.from_) if feed is not None else (ids, ids, ids)
         _decode_inputs_kernel[(n,)](ids, positions, slots, context_lens, tables, tables.stride(0), width,
                                     s_ids, s_pos, s_slots, s_ctx, s_tables, s_tables.stride(0),
                                     tokens, to, src, to.shape[0] if feed is not None else 0,
-                                    BLOCK=block, FEED_BLOCK=max(16, _next_pow2(s_ids.shape[0])),
+                                    BLOCK=block, FEED_BLOCK=max(16, _next_pow2(s_tables.shape[0])),
                                     num_warps=4 if block >= 2048 else 1)
 
 
